@@ -126,7 +126,8 @@ def judge(prompt: str, completion: str) -> float:
     return float(completion.strip() == str(int(match[1]) + int(match[2])))
 
 
-def arithmetic_task(seed: int, p_correct: float = 0.5, heldout_fraction: float = 0.1) -> tuple[list[Example], list[str]]:
+def arithmetic_task(seed: int, p_correct: float = 0.5, heldout_fraction: float = 0.1,
+                    max_operand: int = 4) -> tuple[list[Example], list[str]]:
     """The built-in task: labelled demonstrations on training prompts, and held-out prompts.
 
     Every (name, numbers, item) prompt appears once; a seeded fraction is held out for evaluation.
@@ -134,7 +135,7 @@ def arithmetic_task(seed: int, p_correct: float = 0.5, heldout_fraction: float =
     """
     rng = random.Random(seed)
     prompts = [f"Q: {name} had {a} {item}, got {b} more. Total? A:"
-               for name in NAMES for item in ITEMS for a in range(10) for b in range(10)]
+               for name in NAMES for item in ITEMS for a in range(max_operand + 1) for b in range(max_operand + 1)]
     rng.shuffle(prompts)
     n_heldout = int(len(prompts) * heldout_fraction)
     heldout, train = prompts[:n_heldout], prompts[n_heldout:]

@@ -13,6 +13,7 @@ On the built-in task each model is then sampled on held-out prompts and scored b
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ class TrainConfig:
     data: str = "arithmetic"  # "arithmetic" (the built-in task) or a JSONL file of {"prompt", "completion", "label"}
     task_p_correct: float = 0.5  # built-in task: how often its demonstrator answers correctly
     task_heldout: float = 0.1  # built-in task: fraction of prompts kept for evaluation
+    task_max_operand: int = 4  # built-in task: operands run from 0 to this
     seed: int = 1337
     # model (ignored when starting from a checkpoint, which carries its own shape)
     n_layer: int = 2
@@ -47,15 +49,14 @@ class TrainConfig:
     loss: str = "kto"  # the main loss: "kto" or "sft"
     init_from: str = "sft"  # "sft" (train the SFT stage first), "scratch", or a checkpoint path
     sft_iters: int = 1000
-    sft_lr: float = 3e-3
-    max_iters: int = 400  # iterations of the main loss (and of the control)
-    lr: float = 3e-4
+    max_iters: int = 300  # iterations of the main loss (and of the control)
     control: bool = True  # also continue SFT from the same start (only with loss="kto")
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
     lambda_d: float = 1.0
     lambda_u: float = 1.0
-    # optimization
+    # optimization (the same for every stage)
+    lr: float = 3e-3
     batch_size: int = 32  # examples per micro-step, over all processes together
     grad_accum: int = 1  # micro-steps per optimizer step
     weight_decay: float = 0.1
@@ -64,7 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     warmup_iters: int = 50
     # evaluation on the built-in task
-    eval_samples: int = 4  # samples per held-out prompt at temperature 1
+    eval_samples: int = 8  # samples per held-out prompt at temperature 1
     # i/o
     out_dir: str = "out"
     resume: bool = False  # continue each stage from its checkpoint in out_dir
@@ -140,7 +141,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 def load_data(cfg: TrainConfig) -> tuple[list[data.Tokens], list[str] | None]:
     """Tokenized training examples and, for the built-in task, held-out prompts."""
     if cfg.data == "arithmetic":
-        examples, heldout = data.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout)
+        examples, heldout = data.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand)
     else:
         examples, heldout = data.read_jsonl(cfg.data), None
     return data.tokenize(examples, cfg.block_size), heldout
@@ -205,9 +206,11 @@ def reduce_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def format_metrics(m: dict) -> str:
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:+.2f}"
+
     parts = [f"loss {m['loss']:.4f}"]
     if "z_ref" in m:
-        fmt = lambda x: "n/a" if x is None else f"{x:+.2f}"
         parts += [f"reward D {fmt(m['reward_desirable'])} U {fmt(m['reward_undesirable'])} margin {fmt(m.get('margin'))}",
                   f"kl raw {m['kl_raw']:+.3f} z_ref {m['z_ref']:.3f}",
                   f"grad weight {m['grad_weight']:.4f} saturated {100 * m['saturated']:.0f}%"]
@@ -216,7 +219,7 @@ def format_metrics(m: dict) -> str:
 
 # ----------------------------------------------------------------------------- one stage
 
-def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int, lr: float,
+def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int,
                 examples: list[data.Tokens], rank: int, world_size: int, device: torch.device) -> GPT:
     """Train one stage to `iters` iterations from `init` (None: a fresh model); return the model."""
     path = os.path.join(cfg.out_dir, f"{name}.pt")
@@ -224,7 +227,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     reference = None
     if loss_name == "kto":  # a frozen copy of the starting policy, never wrapped in DDP
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = model.configure_optimizer(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2))
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
     start = 0
     if cfg.resume and os.path.exists(path):
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -250,7 +253,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     for it in range(start, iters):
         t0 = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, lr, cfg.warmup_iters)
+            group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters)
         # Dropout masks depend only on (seed, rank, iteration): a resumed run draws the same ones.
         torch.manual_seed(cfg.seed + 1_000_003 * rank + it)
         totals: dict[str, torch.Tensor] = {}
@@ -335,19 +338,19 @@ def main() -> None:
         print(f"{len(examples)} examples: {n_d} desirable, {len(examples) - n_d} undesirable; device {device}, "
               f"{world_size} process(es)")
 
-    stage = lambda *args: train_stage(cfg, *args, examples, rank, world_size, device)
+    stage = functools.partial(train_stage, cfg, examples=examples, rank=rank, world_size=world_size, device=device)
     start_path = None
     models = {}
     if cfg.init_from == "sft":
-        models["SFT"] = stage("sft", "sft", None, cfg.sft_iters, cfg.sft_lr)
+        models["SFT"] = stage("sft", "sft", None, cfg.sft_iters)
         start_path = os.path.join(cfg.out_dir, "sft.pt")
     elif cfg.init_from != "scratch":
         start_path = cfg.init_from
     models[f"SFT+{cfg.loss.upper()}" if start_path else cfg.loss.upper()] = \
-        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, cfg.lr)
+        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters)
     if cfg.control and cfg.loss == "kto":
         models["SFT+SFT (control)" if start_path else "SFT (control)"] = \
-            stage("control", "sft", start_path, cfg.max_iters, cfg.lr)
+            stage("control", "sft", start_path, cfg.max_iters)
 
     if rank == 0 and heldout is not None:
         print(f"\nheld-out utility: the judge's mean score on {len(heldout)} unseen prompts")

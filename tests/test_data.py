@@ -84,8 +84,8 @@ def test_judge_and_task():
     with pytest.raises(ValueError):
         data.judge("What is 3+5?", " 8")
 
-    examples, heldout = data.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2)
-    again, _ = data.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2)
+    examples, heldout = data.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
+    again, _ = data.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
     assert examples == again
     train_prompts = {e.prompt for e in examples}
     assert len(heldout) == 1600 and len(train_prompts) == len(examples) == 6400

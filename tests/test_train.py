@@ -1,0 +1,129 @@
+"""The training loop: 1 process against 2, stop and resume, checkpoints, configuration, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--warmup_iters=0",
+        "--lr=0.01", "--eval_samples=1", "--log_interval=1"]
+
+
+def run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(out_dir, stage: str) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r.get("stage") == stage]
+
+
+def params(out_dir, stage: str) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out_dir, f"{stage}.pt"), weights_only=True)["model"]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Same global batch, 1 process vs torchrun with 2 (gloo): same losses, KL and parameters.
+
+    lr 1e-3: Adam's first steps are about lr * sign(gradient), so a gradient element that float rounding
+    leaves near zero can move by up to lr either way; at 1e-3 the worst such element stays within 1e-5.
+    """
+    args = TINY + ["--sft_iters=2", "--max_iters=2", "--batch_size=8", "--grad_accum=2", "--control=false", "--lr=1e-3"]
+    run(args + [f"--out_dir={tmp_path / 'one'}"])
+    run(args + [f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    for stage in ("sft", "kto"):
+        one, two = metrics(tmp_path / "one", stage), metrics(tmp_path / "two", stage)
+        assert len(one) == len(two) == 2
+        for a, b in zip(one, two):
+            for key in ("loss", "kl_raw", "z_ref", "reward_desirable", "n_desirable", "grad_weight"):
+                assert (a.get(key) is None) == (b.get(key) is None)
+                if a.get(key) is not None:
+                    assert a[key] == pytest.approx(b[key], abs=1e-5), (stage, key)
+        p1, p2 = params(tmp_path / "one", stage), params(tmp_path / "two", stage)
+        for name in p1:
+            assert torch.allclose(p1[name], p2[name], atol=1e-5), name
+    # the run moved: KTO changed the parameters and its rewards are no longer all zero
+    assert any(not torch.equal(params(tmp_path / "one", "sft")[n], params(tmp_path / "one", "kto")[n])
+               for n in p1)
+    assert metrics(tmp_path / "one", "kto")[1]["reward_desirable"] != 0
+
+
+def test_stop_and_resume_equals_one_run(tmp_path):
+    base = TINY + ["--sft_iters=2", "--batch_size=4", "--dropout=0.1"]
+    straight = tmp_path / "straight"
+    run(base + ["--max_iters=4", f"--out_dir={straight}"])
+    stopped = tmp_path / "stopped"
+    run(base + ["--max_iters=2", f"--out_dir={stopped}"])
+    run(base + ["--max_iters=4", "--resume=true", f"--out_dir={stopped}"])
+    for stage in ("kto", "control"):
+        a, b = params(straight, stage), params(stopped, stage)
+        for name in a:
+            assert torch.equal(a[name], b[name]), (stage, name)
+        assert [m["loss"] for m in metrics(straight, stage)] == [m["loss"] for m in metrics(stopped, stage)]
+    assert torch.load(stopped / "kto.pt", weights_only=True)["iter"] == 4
+
+
+def test_main_job_prints_utility_table(tmp_path):
+    result = run(TINY + ["--sft_iters=3", "--max_iters=2", "--batch_size=8", f"--out_dir={tmp_path}"])
+    for label in ("SFT ", "SFT+KTO", "SFT+SFT (control)"):
+        assert label in result.stdout
+    evals = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval" in r]
+    assert [e["eval"] for e in evals] == ["SFT", "SFT+KTO", "SFT+SFT (control)"]
+    assert all(0 <= e["utility_sampled"] <= 1 for e in evals)
+    # a second fresh run refuses to overwrite the checkpoints
+    again = run(TINY + ["--sft_iters=3", "--max_iters=2", f"--out_dir={tmp_path}"], check=False)
+    assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_jsonl_training_and_bad_input_errors(tmp_path):
+    good = tmp_path / "good.jsonl"
+    rows = [{"prompt": f"Q: {i} plus one? A:", "completion": f" {i + 1}", "label": i % 3 != 0} for i in range(12)]
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(TINY + [f"--data={good}", "--sft_iters=2", "--max_iters=2", "--batch_size=4", f"--out_dir={tmp_path / 'o'}"])
+    assert len(metrics(tmp_path / "o", "kto")) == 2
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "x", "completion": " y", "label": 1}\n')
+    result = run(TINY + [f"--data={bad}", f"--out_dir={tmp_path / 'b'}"], check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}:2: field 'label': expected a JSON boolean")
+
+    result = run(TINY + ["--batch_size=1", f"--out_dir={tmp_path / 'c'}"], check=False)
+    assert result.returncode != 0 and result.stderr.strip().startswith("error: batch_size: KTO needs at least 2")
+
+
+def test_config_parsing(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"lr": 0.001, "n_layer": 3, "control": False}))
+    cfg = train.parse_config([str(preset), "--lr=2e-4", "--resume=True", "--data=x.jsonl"])
+    assert (cfg.lr, cfg.n_layer, cfg.control, cfg.resume, cfg.data) == (2e-4, 3, False, True, "x.jsonl")
+    for bad, message in [("--nope=1", "unknown config key 'nope'"), ("--n_layer=2.5", "'n_layer' expects int"),
+                         ("--resume=yes", "'resume' expects bool"), ("--lr", "expected --key=value"),
+                         ("--loss=dpo", "loss must be")]:
+        with pytest.raises(SystemExit, match=message):
+            train.parse_config([bad])
+
+
+def test_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
+    path = str(tmp_path / "kto.pt")
+    train.save_checkpoint(path, {"iter": 1})
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"iter": 2})
+    assert torch.load(path, weights_only=True) == {"iter": 1}
