@@ -62,7 +62,11 @@ def read_jsonl(path: str) -> list[Example]:
     Blank lines are skipped; anything else that is not such an object raises DataError.
     """
     examples = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:

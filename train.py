@@ -48,15 +48,16 @@ class TrainConfig:
     # stages
     loss: str = "kto"  # the main loss: "kto" or "sft"
     init_from: str = "sft"  # "sft" (train the SFT stage first), "scratch", or a checkpoint path
-    sft_iters: int = 1000
-    max_iters: int = 300  # iterations of the main loss (and of the control)
+    sft_iters: int = 1500
+    sft_lr: float = 3e-3  # learning rate of the SFT stage
+    max_iters: int = 400  # iterations of the main loss (and of the control)
+    lr: float = 1e-3  # learning rate of the main loss (and of the control)
     control: bool = True  # also continue SFT from the same start (only with loss="kto")
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
     lambda_d: float = 1.0
     lambda_u: float = 1.0
-    # optimization (the same for every stage)
-    lr: float = 3e-3
+    # optimization
     batch_size: int = 32  # examples per micro-step, over all processes together
     grad_accum: int = 1  # micro-steps per optimizer step
     weight_decay: float = 0.1
@@ -219,7 +220,7 @@ def format_metrics(m: dict) -> str:
 
 # ----------------------------------------------------------------------------- one stage
 
-def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int,
+def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int, lr: float,
                 examples: list[data.Tokens], rank: int, world_size: int, device: torch.device) -> GPT:
     """Train one stage to `iters` iterations from `init` (None: a fresh model); return the model."""
     path = os.path.join(cfg.out_dir, f"{name}.pt")
@@ -227,7 +228,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     reference = None
     if loss_name == "kto":  # a frozen copy of the starting policy, never wrapped in DDP
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
+    optimizer = model.configure_optimizer(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2))
     start = 0
     if cfg.resume and os.path.exists(path):
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -253,7 +254,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     for it in range(start, iters):
         t0 = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, cfg.lr, cfg.warmup_iters)
+            group["lr"] = lr_at(it, lr, cfg.warmup_iters)
         # Dropout masks depend only on (seed, rank, iteration): a resumed run draws the same ones.
         torch.manual_seed(cfg.seed + 1_000_003 * rank + it)
         totals: dict[str, torch.Tensor] = {}
@@ -342,15 +343,17 @@ def main() -> None:
     start_path = None
     models = {}
     if cfg.init_from == "sft":
-        models["SFT"] = stage("sft", "sft", None, cfg.sft_iters)
+        models["SFT"] = stage("sft", "sft", None, cfg.sft_iters, cfg.sft_lr)
         start_path = os.path.join(cfg.out_dir, "sft.pt")
     elif cfg.init_from != "scratch":
+        if not os.path.isfile(cfg.init_from):
+            raise SystemExit(f"error: init_from: no checkpoint file {cfg.init_from}")
         start_path = cfg.init_from
     models[f"SFT+{cfg.loss.upper()}" if start_path else cfg.loss.upper()] = \
-        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters)
+        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, cfg.lr)
     if cfg.control and cfg.loss == "kto":
         models["SFT+SFT (control)" if start_path else "SFT (control)"] = \
-            stage("control", "sft", start_path, cfg.max_iters)
+            stage("control", "sft", start_path, cfg.max_iters, cfg.lr)
 
     if rank == 0 and heldout is not None:
         print(f"\nheld-out utility: the judge's mean score on {len(heldout)} unseen prompts")

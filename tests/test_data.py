@@ -68,6 +68,8 @@ def test_read_jsonl_rejects_invalid_utf8_and_empty_files(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [""])
     with pytest.raises(data.DataError, match="no examples"):
         data.read_jsonl(empty)
+    with pytest.raises(data.DataError, match=r"missing.jsonl: cannot open"):
+        data.read_jsonl(str(tmp_path / "missing.jsonl"))
 
 
 def test_completion_that_cannot_fit_is_an_error():

@@ -11,7 +11,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--warmup_iters=0",
-        "--lr=0.01", "--eval_samples=1", "--log_interval=1"]
+        "--sft_lr=0.01", "--lr=0.01", "--eval_samples=1", "--log_interval=1"]
 
 
 def run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,7 +39,8 @@ def test_two_processes_match_one_process(tmp_path):
     lr 1e-3: Adam's first steps are about lr * sign(gradient), so a gradient element that float rounding
     leaves near zero can move by up to lr either way; at 1e-3 the worst such element stays within 1e-5.
     """
-    args = TINY + ["--sft_iters=2", "--max_iters=2", "--batch_size=8", "--grad_accum=2", "--control=false", "--lr=1e-3"]
+    args = TINY + ["--sft_iters=2", "--max_iters=2", "--batch_size=8", "--grad_accum=2", "--control=false",
+                   "--sft_lr=1e-3", "--lr=1e-3"]
     run(args + [f"--out_dir={tmp_path / 'one'}"])
     run(args + [f"--out_dir={tmp_path / 'two'}"], nproc=2)
     for stage in ("sft", "kto"):
