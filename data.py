@@ -113,7 +113,7 @@ def tokenize(examples: list[Example], block_size: int) -> list[Tokens]:
 
 
 # ----------------------------------------------------------------------------- the built-in task
-# Word problems "Q: Ann had 3 apples, got 5 more. Total? A:" answered by a noisy demonstrator who is
+# Word problems "Q: Ann had 3 apples, got 4 more. Total? A:" answered by a noisy demonstrator who is
 # right with probability p_correct and otherwise off by one or two. The judge labels each answer.
 # The true utility (the share of correct answers) is what alignment should raise.
 
@@ -130,7 +130,7 @@ def judge(prompt: str, completion: str) -> float:
     return float(completion.strip() == str(int(match[1]) + int(match[2])))
 
 
-def arithmetic_task(seed: int, p_correct: float = 0.5, heldout_fraction: float = 0.1,
+def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1,
                     max_operand: int = 4) -> tuple[list[Example], list[str]]:
     """The built-in task: labelled demonstrations on training prompts, and held-out prompts.
 
@@ -148,7 +148,9 @@ def arithmetic_task(seed: int, p_correct: float = 0.5, heldout_fraction: float =
         a, b = map(int, PROBLEM.search(prompt).groups())
         answer = a + b
         if rng.random() >= p_correct:
-            answer += rng.choice([d for d in (-2, -1, 1, 2) if answer + d >= 0])
+            # The demonstrator's habitual slip is one too many (so with p_correct below 1/2 its most
+            # common answer is wrong); now and then it is off the other way.
+            answer += 1 if rng.random() < 5 / 6 else rng.choice([d for d in (-1, 2) if answer + d >= 0])
         completion = f" {answer}"
         examples.append(Example(prompt, completion, judge(prompt, completion) == 1.0, f"arithmetic task example {i}"))
     return examples, heldout

@@ -1,7 +1,7 @@
 """Train a GPT with SFT, then KTO, on one process or many.
 
     python train.py                                      # the main job: SFT, then KTO, with a control
-    python train.py configs/tiny.json --max_iters=100    # a preset file, then overrides
+    python train.py configs/quick.json --max_iters=50    # a preset file, then overrides
     torchrun --standalone --nproc_per_node=2 train.py    # DDP: nccl on CUDA, gloo on CPU
 
 The run is made of stages, each with its own checkpoint in out_dir:
@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from model import GPT, GPTConfig
 class TrainConfig:
     # data
     data: str = "arithmetic"  # "arithmetic" (the built-in task) or a JSONL file of {"prompt", "completion", "label"}
-    task_p_correct: float = 0.5  # built-in task: how often its demonstrator answers correctly
+    task_p_correct: float = 0.4  # built-in task: how often its demonstrator answers correctly
     task_heldout: float = 0.1  # built-in task: fraction of prompts kept for evaluation
     task_max_operand: int = 4  # built-in task: operands run from 0 to this
     seed: int = 1337
@@ -55,7 +56,7 @@ class TrainConfig:
     control: bool = True  # also continue SFT from the same start (only with loss="kto")
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
-    lambda_d: float = 1.0
+    lambda_d: float = 1.6  # the built-in task is 40% desirable: 1.6 * 0.4 / (1 * 0.6) = 1.07, in the range section 4.2 advises
     lambda_u: float = 1.0
     # optimization
     batch_size: int = 32  # examples per micro-step, over all processes together
@@ -76,7 +77,7 @@ class TrainConfig:
 
 
 # Keys that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = {"resume", "max_iters", "sft_iters", "control", "eval_samples", "log_interval",
+RESUMABLE_CHANGES = {"resume", "max_iters", "control", "eval_samples", "log_interval",
                      "ckpt_interval", "device"}
 
 
@@ -89,13 +90,14 @@ def parse_config(args: list[str]) -> TrainConfig:
         if key not in fields:
             raise SystemExit(f"error: {source}: unknown config key '{key}'; known keys: {', '.join(fields)}")
         kind = fields[key]
-        try:
-            if isinstance(value, str) and kind is not str:
-                value = json.loads(value.lower() if kind is bool else value)
-            ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or \
-                 (kind is float and isinstance(value, int) and not isinstance(value, bool))
-        except json.JSONDecodeError:
-            ok = False
+        if isinstance(value, str) and kind is not str:  # from the command line
+            words = {"true": True, "false": False} if kind is bool else {}
+            try:
+                value = words[value.lower()] if kind is bool else kind(value)
+            except (KeyError, ValueError):
+                pass
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool)) or \
+            kind is float and isinstance(value, int) and not isinstance(value, bool)
         if not ok:
             raise SystemExit(f"error: {source}: '{key}' expects {kind.__name__}, got {value!r}")
         setattr(cfg, key, kind(value))
@@ -117,12 +119,37 @@ def parse_config(args: list[str]) -> TrainConfig:
             for key, value in preset.items():
                 set_value(key, value, f"preset file {arg}")
 
-    if cfg.loss not in ("kto", "sft"):
-        raise SystemExit(f"error: loss must be 'kto' or 'sft', got '{cfg.loss}'")
-    if cfg.loss == "kto" and cfg.batch_size < 2:
-        raise SystemExit("error: batch_size: KTO needs at least 2 examples per batch to pair prompts with "
-                         "other completions for z_ref; 8 to 16 or more per device is advised")
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot run, with one line naming the key."""
+    def require(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise SystemExit(f"error: {key}={getattr(cfg, key)!r}: expected {expected}")
+
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "sft_iters", "max_iters", "batch_size",
+                "grad_accum", "eval_samples", "log_interval", "ckpt_interval"):
+        require(getattr(cfg, key) >= 1, key, "an integer of at least 1")
+    for key in ("seed", "warmup_iters", "task_max_operand"):
+        require(getattr(cfg, key) >= 0, key, "a non-negative integer")
+    for key in ("sft_lr", "lr", "beta", "lambda_d", "lambda_u"):
+        require(0 < getattr(cfg, key) < math.inf, key, "a positive finite number")
+    for key in ("weight_decay", "grad_clip"):
+        require(0 <= getattr(cfg, key) < math.inf, key, "a non-negative finite number")
+    for key in ("beta1", "beta2", "dropout"):
+        require(0 <= getattr(cfg, key) < 1, key, "a number in [0, 1)")
+    require(0 <= cfg.task_p_correct <= 1, "task_p_correct", "a probability in [0, 1]")
+    require(0 < cfg.task_heldout < 1, "task_heldout", "a fraction strictly between 0 and 1")
+    require(cfg.n_embd % cfg.n_head == 0, "n_embd", f"a multiple of n_head={cfg.n_head}")
+    require(cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
+    require(cfg.device != "cuda" or torch.cuda.is_available(), "device", "a machine with CUDA")
+    require(cfg.loss in ("kto", "sft"), "loss", "'kto' or 'sft'")
+    require(not (cfg.loss == "sft" and cfg.init_from == "sft"), "init_from",
+            "'scratch' or a checkpoint with loss='sft' (the SFT stage followed by more SFT is the control)")
+    require(cfg.loss != "kto" or cfg.batch_size >= 2, "batch_size",
+            "at least 2 for KTO, to pair prompts with other completions for z_ref (8-16 or more per device is advised)")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -326,7 +353,7 @@ def main() -> None:
     cfg = parse_config(sys.argv[1:])
     rank, world_size, device = setup_distributed(cfg)
     if cfg.batch_size % world_size:
-        raise SystemExit(f"error: batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
+        raise SystemExit(f"error: batch_size={cfg.batch_size}: expected a multiple of the {world_size} processes")
     if rank == 0 and cfg.loss == "kto" and cfg.batch_size // world_size < 8:
         print(f"note: {cfg.batch_size // world_size} KTO examples per device; 8 to 16 or more give a steadier z_ref")
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -336,8 +363,11 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     if rank == 0:
         n_d = sum(ex.desirable for ex in examples)
-        print(f"{len(examples)} examples: {n_d} desirable, {len(examples) - n_d} undesirable; device {device}, "
-              f"{world_size} process(es)")
+        n_u = len(examples) - n_d
+        print(f"{len(examples)} examples: {n_d} desirable, {n_u} undesirable; device {device}, {world_size} process(es)")
+        ratio = cfg.lambda_d * n_d / (cfg.lambda_u * n_u) if n_u else math.inf
+        if cfg.loss == "kto" and not 1 <= ratio <= 4 / 3:  # the range section 4.2 advises
+            print(f"note: lambda_d*n_d / (lambda_u*n_u) = {ratio:.2f}; the paper advises 1 to 4/3 (section 4.2)")
 
     stage = functools.partial(train_stage, cfg, examples=examples, rank=rank, world_size=world_size, device=device)
     start_path = None

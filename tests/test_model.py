@@ -31,14 +31,19 @@ def test_sequence_logps_match_a_token_by_token_loop():
             assert fast[b].item() == pytest.approx(slow, abs=1e-4)
 
 
-def test_gradient_reaches_only_through_scored_positions():
+def test_unscored_positions_neither_count_nor_matter():
+    """Padding after the completion and targets outside the mask leave the scored log-probs unchanged."""
     model = tiny_gpt()
-    idx = torch.tensor([[5, 6, 7, 8]])
-    scored = torch.tensor([[False, False, True, True]])
-    out = model(idx, idx, scored)
-    assert out[0, :2].tolist() == [0.0, 0.0] and (out[0, 2:] < 0).all()
-    out.sum().backward()
-    assert model.lm_head.weight.grad is not None
+    idx = torch.tensor([[5, 6, 7, 8, 50256, 50256]])
+    targets = torch.tensor([[6, 7, 8, 50256, 50256, 50256]])
+    scored = torch.tensor([[False, False, True, True, False, False]])
+    out = model(idx, targets, scored)
+    other_idx, other_targets = idx.clone(), targets.clone()
+    other_idx[0, 4:] = torch.tensor([123, 4567])  # different padding tokens
+    other_targets[0, :2] = torch.tensor([999, 1000])  # different targets at prompt positions
+    other = model(other_idx, other_targets, scored)
+    assert torch.allclose(out[scored], other[scored], rtol=0, atol=1e-6)
+    assert out[~scored].abs().sum() == 0 and (out[scored] < 0).all()
 
 
 def test_greedy_generation_follows_argmax():

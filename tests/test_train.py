@@ -61,7 +61,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_stop_and_resume_equals_one_run(tmp_path):
-    base = TINY + ["--sft_iters=2", "--batch_size=4", "--dropout=0.1"]
+    base = TINY + ["--sft_iters=2", "--batch_size=4", "--dropout=0.1", "--warmup_iters=3"]  # warmup spans the stop
     straight = tmp_path / "straight"
     run(base + ["--max_iters=4", f"--out_dir={straight}"])
     stopped = tmp_path / "stopped"
@@ -102,17 +102,27 @@ def test_jsonl_training_and_bad_input_errors(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}:2: field 'label': expected a JSON boolean")
 
     result = run(TINY + ["--batch_size=1", f"--out_dir={tmp_path / 'c'}"], check=False)
-    assert result.returncode != 0 and result.stderr.strip().startswith("error: batch_size: KTO needs at least 2")
+    assert result.returncode != 0 and result.stderr.strip().startswith("error: batch_size=1: expected at least 2 for KTO")
 
 
 def test_config_parsing(tmp_path):
     preset = tmp_path / "p.json"
     preset.write_text(json.dumps({"lr": 0.001, "n_layer": 3, "control": False}))
-    cfg = train.parse_config([str(preset), "--lr=2e-4", "--resume=True", "--data=x.jsonl"])
-    assert (cfg.lr, cfg.n_layer, cfg.control, cfg.resume, cfg.data) == (2e-4, 3, False, True, "x.jsonl")
+    cfg = train.parse_config([str(preset), "--lr=.0002", "--resume=True", "--data=x.jsonl", "--beta=1"])
+    assert (cfg.lr, cfg.n_layer, cfg.control, cfg.resume, cfg.data, cfg.beta) == (2e-4, 3, False, True, "x.jsonl", 1.0)
+    preset.write_text(json.dumps({"n_layer": 2.0}))
+    with pytest.raises(SystemExit, match="'n_layer' expects int, got 2.0"):
+        train.parse_config([str(preset)])
     for bad, message in [("--nope=1", "unknown config key 'nope'"), ("--n_layer=2.5", "'n_layer' expects int"),
                          ("--resume=yes", "'resume' expects bool"), ("--lr", "expected --key=value"),
-                         ("--loss=dpo", "loss must be")]:
+                         ("--loss=dpo", "loss='dpo': expected 'kto' or 'sft'"),
+                         ("--grad_accum=0", "grad_accum=0: expected an integer of at least 1"),
+                         ("--lr=nan", "lr=nan: expected a positive finite number"),
+                         ("--task_heldout=1", "task_heldout=1.0: expected a fraction"),
+                         ("--n_embd=30", "n_embd=30: expected a multiple of n_head=4"),
+                         ("--seed=-1", "seed=-1: expected a non-negative integer"),
+                         ("--device=gpu", "device='gpu'"),
+                         ("--loss=sft", "init_from='sft': expected 'scratch' or a checkpoint")]:
         with pytest.raises(SystemExit, match=message):
             train.parse_config([bad])
 
