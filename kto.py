@@ -36,16 +36,17 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def kl_reference_point(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference point z_ref (section 4.1): an estimate of KL(pi_theta || pi_ref).
+    """The reference point z_ref: an estimate of KL(pi_theta || pi_ref).
 
     The inputs are log-probs of mismatched pairs (x_i, y_j), j != i, built inside the batch.
     Returns (z_ref, kl_raw):
       kl_raw = mean over all pairs on all ranks of log pi_theta - log pi_ref. Summing the values and
                the count over ranks, then dividing, gives the same estimate however many processes
                share the batch.
-      z_ref  = max(0, kl_raw), detached: a KL divergence is never negative (a negative estimate is
-               noise from a small batch) and the paper holds the reference point constant, so no
-               gradient flows through it.
+      z_ref  = max(0, kl_raw), detached: a KL divergence is never negative (the estimate can be, from
+               a small batch, or because the policy rightly finds completions written for other
+               prompts less likely than the reference does), and the paper holds the reference
+               point constant, so no gradient flows through it.
     """
     log_ratios = (policy_kl_logps - reference_kl_logps).detach()
     total = _sum_over_ranks(torch.stack([log_ratios.sum(), torch.tensor(float(log_ratios.numel()), device=log_ratios.device)]))

@@ -56,7 +56,7 @@ class TrainConfig:
     control: bool = True  # also continue SFT from the same start (only with loss="kto")
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
-    lambda_d: float = 1.6  # the built-in task is 40% desirable: 1.6 * 0.4 / (1 * 0.6) = 1.07, in the range section 4.2 advises
+    lambda_d: float = 1.6  # the built-in task is 40% desirable: 1.6 * 0.4 / (1 * 0.6) = 1.07, in the paper's advised range
     lambda_u: float = 1.0
     # optimization
     batch_size: int = 32  # examples per micro-step, over all processes together
@@ -366,8 +366,8 @@ def main() -> None:
         n_u = len(examples) - n_d
         print(f"{len(examples)} examples: {n_d} desirable, {n_u} undesirable; device {device}, {world_size} process(es)")
         ratio = cfg.lambda_d * n_d / (cfg.lambda_u * n_u) if n_u else math.inf
-        if cfg.loss == "kto" and not 1 <= ratio <= 4 / 3:  # the range section 4.2 advises
-            print(f"note: lambda_d*n_d / (lambda_u*n_u) = {ratio:.2f}; the paper advises 1 to 4/3 (section 4.2)")
+        if cfg.loss == "kto" and not 1 <= ratio <= 4 / 3:
+            print(f"note: lambda_d*n_d / (lambda_u*n_u) = {ratio:.2f}; the paper advises 1 to 4/3")
 
     stage = functools.partial(train_stage, cfg, examples=examples, rank=rank, world_size=world_size, device=device)
     start_path = None
