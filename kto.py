@@ -73,8 +73,8 @@ def kto_loss(
     which add up across micro-batches and ranks (see `summarize`).
     """
     r = implied_reward(policy_logps, reference_logps)
-    # Value function, eq. (6): desirable outputs gain value above the reference point,
-    # undesirable ones gain value below it.
+    # The value function of eq. (7) (the paper folds lambda_y into v): desirable outputs gain value
+    # above the reference point, undesirable ones below it.
     v = torch.where(desirable, torch.sigmoid(beta * (r - z_ref)), torch.sigmoid(beta * (z_ref - r)))
     lam = torch.where(desirable, torch.full_like(r, lambda_d), torch.full_like(r, lambda_u))
     losses = lam * (1 - v)  # eq. (7)

@@ -93,6 +93,11 @@ def test_jsonl_training_and_bad_input_errors(tmp_path):
     good.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run(TINY + [f"--data={good}", "--sft_iters=2", "--max_iters=2", "--batch_size=4", f"--out_dir={tmp_path / 'o'}"])
     assert len(metrics(tmp_path / "o", "kto")) == 2
+    # SFT alone, from scratch: one stage, no KTO metrics, no utility table (no judge for a JSONL file)
+    result = run(TINY + [f"--data={good}", "--loss=sft", "--init_from=scratch", "--max_iters=2", "--batch_size=1",
+                         f"--out_dir={tmp_path / 's'}"])
+    assert [m["iter"] for m in metrics(tmp_path / "s", "sft")] == [1, 2] and "utility" not in result.stdout
+    assert not (tmp_path / "s" / "control.pt").exists()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "x", "completion": " y", "label": 1}\n')
