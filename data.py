@@ -88,7 +88,7 @@ def read_jsonl(path: str) -> list[Example]:
                     raise DataError(f"{where}: field '{field}': expected a non-empty string, got {json.dumps(obj[field])}")
             if "label" not in obj:
                 raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}")
-            # An identity test against True silently drops labels written as 1 or "true" (notes, section 5).
+            # An identity test against True would silently treat labels written as 1 or "true" as undesirable.
             if not isinstance(obj["label"], bool):
                 raise DataError(f"{where}: field 'label': expected {LABEL_EXPECTED}, got {json.dumps(obj['label'])}")
             examples.append(Example(obj["prompt"], obj["completion"], obj["label"], where))

@@ -57,8 +57,9 @@ def kl_reference_point(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.
 def kto_loss(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
+    policy_kl_logps: torch.Tensor,
+    reference_kl_logps: torch.Tensor,
     desirable: torch.Tensor,
-    z_ref: torch.Tensor,
     beta: float = 0.1,
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
@@ -66,12 +67,13 @@ def kto_loss(
     """The KTO loss, eq. (7), and the per-batch sums that describe it.
 
     policy_logps, reference_logps: (B,) log pi(y|x) of each example's own completion.
+    policy_kl_logps, reference_kl_logps: log-probs of the mismatched KL pairs (see `kl_reference_point`).
     desirable: (B,) bool, the label of each example.
-    z_ref: the reference point from `kl_reference_point` (a constant).
 
     Returns the mean over examples of lambda(y) * (1 - v(x, y)) and a dict of sums and counts,
     which add up across micro-batches and ranks (see `summarize`).
     """
+    z_ref, kl_raw = kl_reference_point(policy_kl_logps, reference_kl_logps)
     r = implied_reward(policy_logps, reference_logps)
     # The value function of eq. (7) (the paper folds lambda_y into v): desirable outputs gain value
     # above the reference point, undesirable ones below it.
@@ -94,6 +96,9 @@ def kto_loss(
         "reward_undesirable_sum": (r * u).sum(),
         "grad_weight_sum": weight.sum(),
         "n_saturated": saturated.float().sum(),
+        "kl_raw_sum": kl_raw,  # z_ref and the raw estimate, once per batch: the clamp shows when they differ
+        "z_ref_sum": z_ref,
+        "n_batches": torch.ones((), device=r.device),
     }
     return loss, stats
 

@@ -56,7 +56,7 @@ class TrainConfig:
     control: bool = True  # also continue SFT from the same start (only with loss="kto")
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
-    lambda_d: float = 1.6  # the built-in task is 40% desirable: 1.6 * 0.4 / (1 * 0.6) = 1.07, in the paper's advised range
+    lambda_d: float = 1.6  # the built-in task is 40% desirable: 1.6 * 0.4 / (1 * 0.6) = 1.07 nominally, in the paper's advised range
     lambda_u: float = 1.0
     # optimization
     batch_size: int = 32  # examples per micro-step, over all processes together
@@ -170,6 +170,9 @@ def load_data(cfg: TrainConfig) -> tuple[list[data.Tokens], list[str] | None]:
     """Tokenized training examples and, for the built-in task, held-out prompts."""
     if cfg.data == "arithmetic":
         examples, heldout = data.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand)
+        if not examples or not heldout:
+            raise data.DataError(f"built-in task: task_heldout={cfg.task_heldout} and task_max_operand={cfg.task_max_operand} "
+                                 f"leave {len(examples)} training and {len(heldout)} held-out prompts; expected at least one of each")
     else:
         examples, heldout = data.read_jsonl(cfg.data), None
     return data.tokenize(examples, cfg.block_size), heldout
@@ -185,6 +188,17 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint written by this script; anything else ends the run with one line."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not all(key in ckpt for key in ("model", "optimizer", "iter", "model_args", "config")):
+            raise KeyError("model, optimizer, iter, model_args or config")
+        return ckpt
+    except Exception as e:
+        raise SystemExit(f"error: {path}: not a checkpoint written by train.py ({type(e).__name__}: {e})") from None
+
+
 def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT:
     """A fresh GPT (seeded identically on every rank) or the model of a checkpoint."""
     if init is None:
@@ -192,7 +206,7 @@ def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                               n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     else:
-        ckpt = torch.load(init, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(init)
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
     return model.to(device)
@@ -212,11 +226,8 @@ def compute_loss(policy: torch.nn.Module, reference: GPT | None, batch: dict[str
         kl_args = (batch["kl_idx"], batch["kl_targets"], batch["kl_scored"])
         policy_kl_logps = kto.sequence_logps(raw_policy(*kl_args), batch["kl_scored"])
         reference_kl_logps = kto.sequence_logps(reference(*kl_args), batch["kl_scored"])
-    z_ref, kl_raw = kto.kl_reference_point(policy_kl_logps, reference_kl_logps)
-    loss, stats = kto.kto_loss(policy_logps, reference_logps, batch["desirable"], z_ref,
-                               cfg.beta, cfg.lambda_d, cfg.lambda_u)
-    stats.update(kl_raw_sum=kl_raw, z_ref_sum=z_ref, n_batches=torch.ones((), device=z_ref.device))
-    return loss, stats
+    return kto.kto_loss(policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, batch["desirable"],
+                        cfg.beta, cfg.lambda_d, cfg.lambda_u)
 
 
 def lr_at(it: int, lr: float, warmup_iters: int) -> float:
@@ -258,7 +269,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     optimizer = model.configure_optimizer(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2))
     start = 0
     if cfg.resume and os.path.exists(path):
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = read_checkpoint(path, device)
         for key, value in ckpt["config"].items():
             if key not in RESUMABLE_CHANGES and getattr(cfg, key) != value:
                 raise SystemExit(f"error: {path} was trained with {key}={value!r}, this run has "
@@ -337,7 +348,7 @@ def utility(model: GPT, prompts: list[str], samples: int, temperature: float, se
         by_length.setdefault(len(ids), []).append((p, ids))
     scores = []
     for group in by_length.values():
-        for i in range(0, len(group), 64):  # small batches keep the (rows, 50257) logits cache-sized
+        for i in range(0, len(group), 64):  # 64 prompts at a time bound the (rows, 50257) logits in memory
             chunk = group[i:i + 64]
             idx = torch.tensor([ids for _, ids in chunk], device=device).repeat_interleave(samples, dim=0)
             out = model.generate(idx, max_new_tokens=3, temperature=temperature, generator=generator)
@@ -378,6 +389,9 @@ def main() -> None:
     elif cfg.init_from != "scratch":
         if not os.path.isfile(cfg.init_from):
             raise SystemExit(f"error: init_from: no checkpoint file {cfg.init_from}")
+        context = read_checkpoint(cfg.init_from)["model_args"]["block_size"]
+        if cfg.block_size > context:
+            raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {context}, the context of {cfg.init_from}")
         start_path = cfg.init_from
     models[f"SFT+{cfg.loss.upper()}" if start_path else cfg.loss.upper()] = \
         stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, cfg.lr)

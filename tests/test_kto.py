@@ -16,6 +16,11 @@ REFERENCE = [-4.0, -6.0, -1.0, -2.0, -9.4]
 DESIRABLE = [True, True, False, False, True]
 
 
+def kl_pairs_with_mean(z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy and reference log-probs of KL pairs whose log-ratios average to z."""
+    return torch.tensor([z - 1.0, z + 3.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+
+
 def test_loss_matches_eq7_by_hand():
     beta, lambda_d, lambda_u, z_ref = 0.5, 1.3, 0.7, 0.8
     expected = 0.0
@@ -25,21 +30,22 @@ def test_loss_matches_eq7_by_hand():
         expected += (lambda_d if d else lambda_u) * (1 - value)
     expected /= len(POLICY)
     loss, stats = kto.kto_loss(torch.tensor(POLICY, dtype=torch.float64), torch.tensor(REFERENCE, dtype=torch.float64),
-                               torch.tensor(DESIRABLE), torch.tensor(z_ref, dtype=torch.float64), beta, lambda_d, lambda_u)
+                               *kl_pairs_with_mean(z_ref), torch.tensor(DESIRABLE), beta, lambda_d, lambda_u)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     summary = kto.summarize({k: v.item() for k, v in stats.items()})
     assert summary["loss"] == pytest.approx(expected, rel=1e-12)
     assert summary["n_desirable"] == 3 and summary["n_undesirable"] == 2
     assert summary["reward_desirable"] == pytest.approx((1.0 - 1.5 + 5.0) / 3)
     assert summary["reward_undesirable"] == pytest.approx((-0.2 - 18.0) / 2)
+    assert summary["z_ref"] == pytest.approx(z_ref) and summary["kl_raw"] == pytest.approx(z_ref)
 
 
 def test_gradient_matches_prop_4_1():
     """d loss / d log pi_theta(y|x) = -/+ lambda * beta * s * (1 - s) / B (eq. 9)."""
     beta, lambda_d, lambda_u, z_ref = 0.5, 2.0, 1.0, 1.5
     policy = torch.tensor(POLICY, dtype=torch.float64, requires_grad=True)
-    loss, stats = kto.kto_loss(policy, torch.tensor(REFERENCE, dtype=torch.float64), torch.tensor(DESIRABLE),
-                               torch.tensor(z_ref, dtype=torch.float64), beta, lambda_d, lambda_u)
+    loss, stats = kto.kto_loss(policy, torch.tensor(REFERENCE, dtype=torch.float64), *kl_pairs_with_mean(z_ref),
+                               torch.tensor(DESIRABLE), beta, lambda_d, lambda_u)
     loss.backward()
     expected, weights = [], []
     for p, r_, d in zip(POLICY, REFERENCE, DESIRABLE):
@@ -57,7 +63,7 @@ def test_gradient_matches_prop_4_1():
 
 def test_gradient_matches_finite_differences():
     policy = torch.tensor(POLICY, dtype=torch.float64, requires_grad=True)
-    args = (torch.tensor(REFERENCE, dtype=torch.float64), torch.tensor(DESIRABLE), torch.tensor(0.3, dtype=torch.float64), 0.2, 1.0, 1.5)
+    args = (torch.tensor(REFERENCE, dtype=torch.float64), *kl_pairs_with_mean(0.3), torch.tensor(DESIRABLE), 0.2, 1.0, 1.5)
     kto.kto_loss(policy, *args)[0].backward()
     eps = 1e-6
     for i in range(len(POLICY)):
@@ -70,10 +76,10 @@ def test_gradient_matches_finite_differences():
 
 
 def test_contradicting_feedback_gives_no_gradient():
-    """Theorem 4.3: the same (x, y) once desirable, once undesirable, lambda_D = lambda_U -> zero gradient."""
+    """The same (x, y) once desirable, once undesirable, lambda_D = lambda_U: zero gradient (eq. 9; cf. Theorem 4.3)."""
     logp = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)  # one (x, y), so one log pi_theta(y|x)
-    loss, _ = kto.kto_loss(torch.stack([logp, logp]), torch.tensor([-5.0, -5.0], dtype=torch.float64), torch.tensor([True, False]),
-                           torch.tensor(0.4, dtype=torch.float64), 0.1, 1.0, 1.0)
+    loss, _ = kto.kto_loss(torch.stack([logp, logp]), torch.tensor([-5.0, -5.0], dtype=torch.float64),
+                           *kl_pairs_with_mean(0.4), torch.tensor([True, False]), 0.1, 1.0, 1.0)
     loss.backward()
     assert loss.item() == pytest.approx(0.5)  # (1 - s) + (1 - (1 - s)) = 1, over 2 examples
     assert abs(logp.grad.item()) < 1e-15
@@ -89,13 +95,14 @@ def test_z_ref_is_clamped_mean_and_detached():
 
     z_ref, kl_raw = kto.kl_reference_point(torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([-3.0, -2.5]))
     assert z_ref.item() == pytest.approx(1.25) and kl_raw.item() == pytest.approx(1.25)
-    # No gradient reaches the KL log-probs through the loss.
+    # No gradient reaches the KL log-probs through the loss, and the loss reports the clamp.
     policy = torch.tensor([-1.0, -2.0], requires_grad=True)
-    policy_kl = torch.tensor([-1.0, -2.0], requires_grad=True)
-    z_ref, _ = kto.kl_reference_point(policy_kl, torch.tensor([-3.0, -2.5]))
-    loss, _ = kto.kto_loss(policy, torch.tensor([-1.5, -1.0]), torch.tensor([True, False]), z_ref)
+    policy_kl = torch.tensor([-4.0, -2.0], requires_grad=True)
+    loss, stats = kto.kto_loss(policy, torch.tensor([-1.5, -1.0]), policy_kl, torch.tensor([-3.0, -2.5]),
+                               torch.tensor([True, False]))
     loss.backward()
     assert policy_kl.grad is None and policy.grad is not None
+    assert stats["kl_raw_sum"].item() == pytest.approx(-0.25) and stats["z_ref_sum"].item() == 0.0
 
 
 def test_sequence_logps_sums_only_masked_tokens():
@@ -105,8 +112,8 @@ def test_sequence_logps_sums_only_masked_tokens():
 
 
 def test_summary_of_a_one_class_batch_has_no_nan():
-    _, stats = kto.kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([True, True]),
-                            torch.tensor(0.0))
+    _, stats = kto.kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([-1.0, -2.0]),
+                            torch.tensor([-1.0, -2.0]), torch.tensor([True, True]))
     summary = kto.summarize({k: v.item() for k, v in stats.items()})
     assert summary["reward_undesirable"] is None and "margin" not in summary
     assert summary["reward_desirable"] == pytest.approx(-0.25)

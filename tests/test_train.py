@@ -106,6 +106,11 @@ def test_jsonl_training_and_bad_input_errors(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}:2: field 'label': expected a JSON boolean")
 
+    result = run(TINY + [f"--init_from={good}", f"--out_dir={tmp_path / 'd'}"], check=False)
+    assert result.returncode != 0 and result.stderr.strip().startswith(f"error: {good}: not a checkpoint")
+    result = run(TINY + ["--task_heldout=0.0004", f"--out_dir={tmp_path / 'e'}"], check=False)
+    assert result.returncode != 0 and "leave 2000 training and 0 held-out prompts" in result.stderr
+
     result = run(TINY + ["--batch_size=1", f"--out_dir={tmp_path / 'c'}"], check=False)
     assert result.returncode != 0 and result.stderr.strip().startswith("error: batch_size=1: expected at least 2 for KTO")
 
