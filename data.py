@@ -114,7 +114,7 @@ def tokenize(examples: list[Example], block_size: int) -> list[Tokens]:
 
 # ----------------------------------------------------------------------------- the built-in task
 # Word problems "Q: Ann had 3 apples, got 4 more. Total? A:" answered by a noisy demonstrator who is
-# right with probability p_correct and otherwise off by one or two. The judge labels each answer.
+# right with probability p_correct and otherwise usually one too many. The judge labels each answer.
 # The true utility (the share of correct answers) is what alignment should raise.
 
 NAMES = ["Ann", "Bob", "Eve", "Tom", "Sam", "Max", "Kim", "Leo", "Mia", "Zoe"]

@@ -56,7 +56,7 @@ class TrainConfig:
     control: bool = True  # also continue SFT from the same start (only with loss="kto")
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
-    lambda_d: float = 1.6  # the built-in task is 40% desirable: 1.6 * 0.4 / (1 * 0.6) = 1.07 nominally, in the paper's advised range
+    lambda_d: float = 1.6  # built-in task, 40% desirable: 1.6*0.4 / (1*0.6) = 1.07, in the paper's [1, 4/3]
     lambda_u: float = 1.0
     # optimization
     batch_size: int = 32  # examples per micro-step, over all processes together
@@ -387,8 +387,6 @@ def main() -> None:
         models["SFT"] = stage("sft", "sft", None, cfg.sft_iters, cfg.sft_lr)
         start_path = os.path.join(cfg.out_dir, "sft.pt")
     elif cfg.init_from != "scratch":
-        if not os.path.isfile(cfg.init_from):
-            raise SystemExit(f"error: init_from: no checkpoint file {cfg.init_from}")
         context = read_checkpoint(cfg.init_from)["model_args"]["block_size"]
         if cfg.block_size > context:
             raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {context}, the context of {cfg.init_from}")
