@@ -1,8 +1,9 @@
-"""Tokenization, datasets, batching and the in-batch KL pairs.
+"""Tokenization, datasets, the paper's data settings, batching and the in-batch KL pairs.
 
 An example is (prompt, completion, label), label True for desirable and False for undesirable. KTO
-needs no pairs; a preference pair (x, y_w, y_l) is simply two examples.
+needs no pairs; a preference pair (x, y_w, y_l) is simply two examples. DPO needs the pairs.
 """
+import collections
 import functools
 import json
 import os
@@ -45,23 +46,47 @@ class Example:
     where: str  # "file.jsonl:7", for error messages
 
 
+@dataclass
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str
+
+
+# Examples a data setting changed are followed apart from the rest in the logs: "flipped" by label_noise,
+# "contradicted" by contradict.
+TAGS = ("clean", "flipped", "contradicted")
+
+
 class Tokens(NamedTuple):
     prompt: list[int]
     completion: list[int]  # ends with EOT
     desirable: bool
+    tag: str = "clean"
+
+
+class PairTokens(NamedTuple):
+    prompt: list[int]
+    chosen: list[int]  # ends with EOT
+    rejected: list[int]  # ends with EOT
+    tag: str = "clean"
 
 
 # ----------------------------------------------------------------------------- JSONL files
 
 LABEL_EXPECTED = "a JSON boolean (true = desirable, false = undesirable)"
+TEXT_FIELDS = {"unpaired": ("prompt", "completion"), "paired": ("prompt", "chosen", "rejected")}
 
 
-def read_jsonl(path: str) -> list[Example]:
-    """Read one {"prompt": str, "completion": str, "label": bool} object per line.
+def read_jsonl(path: str) -> list[Example] | list[Pair]:
+    """Read a JSONL file of one shape, recognised from its first row:
 
-    Blank lines are skipped; anything else that is not such an object raises DataError.
+    unpaired  {"prompt": str, "completion": str, "label": bool}  -> Examples
+    paired    {"prompt": str, "chosen": str, "rejected": str}    -> Pairs
+    Other fields are ignored and blank lines skipped; anything else raises DataError.
     """
-    examples = []
+    units, shape = [], None
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -80,35 +105,49 @@ def read_jsonl(path: str) -> list[Example]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with fields prompt, completion, label; got {type(obj).__name__}")
-            for field in ("prompt", "completion"):
+                raise DataError(f"{where}: expected a JSON object with fields prompt, completion, label "
+                                f"or prompt, chosen, rejected; got {type(obj).__name__}")
+            if shape is None:
+                shape = "paired" if "chosen" in obj or "rejected" in obj else "unpaired"
+            for field in TEXT_FIELDS[shape]:
                 if field not in obj:
-                    raise DataError(f"{where}: field '{field}' is missing; expected a non-empty string")
+                    raise DataError(f"{where}: field '{field}' is missing; expected a non-empty string "
+                                    f"(the file's first row made it {shape})")
                 if not isinstance(obj[field], str) or not obj[field]:
                     raise DataError(f"{where}: field '{field}': expected a non-empty string, got {json.dumps(obj[field])}")
+            if shape == "paired":
+                units.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"], where))
+                continue
             if "label" not in obj:
                 raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}")
             # An identity test against True would silently treat labels written as 1 or "true" as undesirable.
             if not isinstance(obj["label"], bool):
                 raise DataError(f"{where}: field 'label': expected {LABEL_EXPECTED}, got {json.dumps(obj['label'])}")
-            examples.append(Example(obj["prompt"], obj["completion"], obj["label"], where))
-    if not examples:
+            units.append(Example(obj["prompt"], obj["completion"], obj["label"], where))
+    if not units:
         raise DataError(f"{path}: no examples")
-    return examples
+    return units
 
 
-def tokenize(examples: list[Example], block_size: int) -> list[Tokens]:
-    """BPE-encode examples; EOT ends each completion. A completion that cannot fit is an error."""
+def tokenize(units: list[Example] | list[Pair], block_size: int) -> list[Tokens] | list[PairTokens]:
+    """BPE-encode examples or pairs; EOT ends each completion. A completion that cannot fit is an error."""
     enc = get_tokenizer()
-    out = []
-    for ex in examples:
-        prompt = enc.encode_ordinary(ex.prompt)
-        completion = enc.encode_ordinary(ex.completion) + [EOT]
+
+    def completion(text: str, where: str, field: str) -> list[int]:
+        ids = enc.encode_ordinary(text) + [EOT]
         # At least one prompt token must precede the completion to predict its first token.
-        if len(completion) > block_size:
-            raise DataError(f"{ex.where}: field 'completion': {len(completion)} tokens with EOT do not fit "
+        if len(ids) > block_size:
+            raise DataError(f"{where}: field '{field}': {len(ids)} tokens with EOT do not fit "
                             f"block_size {block_size} after at least one prompt token; expected at most {block_size}")
-        out.append(Tokens(prompt, completion, ex.desirable))
+        return ids
+
+    out = []
+    for u in units:
+        prompt = enc.encode_ordinary(u.prompt)
+        if isinstance(u, Pair):
+            out.append(PairTokens(prompt, completion(u.chosen, u.where, "chosen"), completion(u.rejected, u.where, "rejected")))
+        else:
+            out.append(Tokens(prompt, completion(u.completion, u.where, "completion"), u.desirable))
     return out
 
 
@@ -130,43 +169,153 @@ def judge(prompt: str, completion: str) -> float:
     return float(completion.strip() == str(int(match[1]) + int(match[2])))
 
 
-def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1,
-                    max_operand: int = 4) -> tuple[list[Example], list[str]]:
-    """The built-in task: labelled demonstrations on training prompts, and held-out prompts.
+def task_prompts(max_operand: int) -> list[str]:
+    """Every prompt of the built-in task: each name, item and pair of operands once."""
+    return [f"Q: {name} had {a} {item}, got {b} more. Total? A:"
+            for name in NAMES for item in ITEMS for a in range(max_operand + 1) for b in range(max_operand + 1)]
 
-    Every (name, numbers, item) prompt appears once; a seeded fraction is held out for evaluation.
-    Each training prompt gets one demonstrator answer, labelled by the judge.
+
+def demonstrate(total: int, p_correct: float, rng: random.Random) -> int:
+    """The demonstrator's answer: right with probability p_correct, else its habitual slip, one too
+    many (5 times in 6; so with p_correct below 1/2 its most common answer is wrong), or off by -1 or +2."""
+    if rng.random() < p_correct:
+        return total
+    return total + (1 if rng.random() < 5 / 6 else rng.choice([d for d in (-1, 2) if total + d >= 0]))
+
+
+def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1, max_operand: int = 4,
+                    demos: int = 1) -> tuple[list[Example] | list[Pair], list[str]]:
+    """The built-in task: judged demonstrations on training prompts, and held-out prompts.
+
+    A seeded fraction of the prompts is held out for evaluation. demos=1: one answer per training
+    prompt, one Example each. demos=k>1: the demonstrator answers each prompt k times, and a prompt
+    with a correct and a wrong answer gives one Pair (the correct answer, the first wrong one); the
+    same pairs serve DPO, KTO (split) and SFT (labels ignored). Other prompts give no pair.
     """
     rng = random.Random(seed)
-    prompts = [f"Q: {name} had {a} {item}, got {b} more. Total? A:"
-               for name in NAMES for item in ITEMS for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    prompts = task_prompts(max_operand)
     rng.shuffle(prompts)
     n_heldout = int(len(prompts) * heldout_fraction)
     heldout, train = prompts[:n_heldout], prompts[n_heldout:]
-    examples = []
+    units = []
     for i, prompt in enumerate(train):
         a, b = map(int, PROBLEM.search(prompt).groups())
-        answer = a + b
-        if rng.random() >= p_correct:
-            # The demonstrator's habitual slip is one too many (so with p_correct below 1/2 its most
-            # common answer is wrong); now and then it is off the other way.
-            answer += 1 if rng.random() < 5 / 6 else rng.choice([d for d in (-1, 2) if answer + d >= 0])
-        completion = f" {answer}"
-        examples.append(Example(prompt, completion, judge(prompt, completion) == 1.0, f"arithmetic task example {i}"))
-    return examples, heldout
+        answers = [demonstrate(a + b, p_correct, rng) for _ in range(demos)]
+        where = f"arithmetic task prompt {i}"
+        if demos == 1:
+            completion = f" {answers[0]}"
+            units.append(Example(prompt, completion, judge(prompt, completion) == 1.0, where))
+            continue
+        judged = {answer: judge(prompt, f" {answer}") == 1.0 for answer in answers}
+        right = [answer for answer in answers if judged[answer]]
+        wrong = [answer for answer in answers if not judged[answer]]
+        if right and wrong:
+            units.append(Pair(prompt, f" {right[0]}", f" {wrong[0]}", where))
+    return units, heldout
+
+
+# ----------------------------------------------------------------------------- the paper's data settings
+# Each takes tokenized examples or pairs and returns a new list; each draws from its own seeded stream,
+# so one setting does not change what another picks. What a setting changes keeps a tag for the logs.
+
+Units = list[Tokens] | list[PairTokens]
+
+
+def _rng(seed: int, setting: str) -> random.Random:
+    return random.Random(f"{seed}:{setting}")
+
+
+def _picked(n: int, fraction: float, rng: random.Random) -> set[int]:
+    """round(fraction * n) distinct indices, drawn uniformly."""
+    return set(rng.sample(range(n), round(fraction * n)))
+
+
+def _opposite(u: Tokens | PairTokens, tag: str) -> Tokens | PairTokens:
+    """The same completion(s) with the label reversed: a pair swaps chosen and rejected."""
+    if isinstance(u, PairTokens):
+        return u._replace(chosen=u.rejected, rejected=u.chosen, tag=tag)
+    return u._replace(desirable=not u.desirable, tag=tag)
+
+
+def add_contradictions(units: Units, fraction: float, seed: int) -> Units:
+    """contradict: a seeded `fraction` of the examples (or pairs) also comes from a second annotator who
+    gives the opposite label (Theorem 4.3); the original and its twin are both tagged "contradicted"."""
+    twins = _picked(len(units), fraction, _rng(seed, "contradict"))
+    out = []
+    for i, u in enumerate(units):
+        out += [u._replace(tag="contradicted"), _opposite(u, "contradicted")] if i in twins else [u]
+    return out
+
+
+def flip_labels(units: Units, fraction: float, seed: int) -> Units:
+    """label_noise: reverse the label of a seeded `fraction` of the examples (or pairs), tagged "flipped"."""
+    flip = _picked(len(units), fraction, _rng(seed, "label_noise"))
+    return [_opposite(u, "flipped") if i in flip else u for i, u in enumerate(units)]
+
+
+def split_pairs(pairs: list[PairTokens]) -> list[Tokens]:
+    """A pair (x, y_w, y_l) becomes (x, y_w, desirable) and (x, y_l, undesirable), as in the paper.
+    Batches draw examples in a seeded shuffle, so batches mix labels."""
+    return [Tokens(p.prompt, completion, desirable, p.tag)
+            for p in pairs for completion, desirable in ((p.chosen, True), (p.rejected, False))]
+
+
+def pair_up(examples: list[Tokens]) -> tuple[list[PairTokens], int]:
+    """DPO on unpaired data: each prompt's desirable examples are paired, in order, with its undesirable
+    ones. Returns the pairs and the number of examples left without a partner."""
+    by_prompt: dict[tuple[int, ...], tuple[list[Tokens], list[Tokens]]] = {}
+    for ex in examples:
+        by_prompt.setdefault(tuple(ex.prompt), ([], []))[0 if ex.desirable else 1].append(ex)
+    pairs = [PairTokens(d.prompt, d.completion, u.completion, max(d.tag, u.tag, key=TAGS.index))
+             for good, bad in by_prompt.values() for d, u in zip(good, bad)]
+    return pairs, len(examples) - 2 * len(pairs)
+
+
+def one_per_prompt(examples: list[Tokens], seed: int) -> list[Tokens]:
+    """one_y_per_x: keep one example per prompt, drawn uniformly (the paper's one-y-per-x setting)."""
+    rng = _rng(seed, "one_y_per_x")
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_prompt.setdefault(tuple(ex.prompt), []).append(i)
+    keep = {rng.choice(indices) for indices in by_prompt.values()}
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
+def keep_desirable(examples: list[Tokens], fraction: float, seed: int) -> list[Tokens]:
+    """desirable_fraction: keep a seeded `fraction` of the desirable examples and every undesirable one
+    (the paper's 1:10 run drops 90% of the desirable examples)."""
+    desirable = [i for i, ex in enumerate(examples) if ex.desirable]
+    keep = {desirable[i] for i in _picked(len(desirable), fraction, _rng(seed, "desirable_fraction"))}
+    return [ex for i, ex in enumerate(examples) if not ex.desirable or i in keep]
+
+
+def describe(units: Units) -> str:
+    """Counts for the start-of-run report: '1800 examples: 717 desirable, 1083 undesirable (180 flipped)'."""
+    tags = collections.Counter(u.tag for u in units)
+    changed = ", ".join(f"{tags[t]} {t}" for t in TAGS[1:] if tags[t])
+    if units and isinstance(units[0], PairTokens):
+        text = f"{len(units)} pairs"
+    else:
+        n_d = sum(ex.desirable for ex in units)
+        text = f"{len(units)} examples: {n_d} desirable, {len(units) - n_d} undesirable"
+    return text + (f" ({changed})" if changed else "")
 
 
 # ----------------------------------------------------------------------------- batches
 
 def batch_indices(n: int, batch_size: int, batch: int, seed: int) -> list[int]:
-    """Example indices of global batch number `batch`.
+    """Example indices of global batch number `batch`: batch_size distinct examples.
 
     The data is a stream of epochs, each a permutation seeded by (seed, epoch), so every rank draws
-    the same global batch, and batch k is known from k alone (resume needs no sampler state).
-    Batches run across epoch boundaries: no example is dropped.
+    the same global batch, and batch k is known from k alone (resume needs no sampler state). Each
+    epoch holds n // batch_size whole batches: a batch never crosses into the next epoch, so it never
+    holds an example twice, and the n % batch_size examples an epoch leaves over differ each epoch.
     """
-    start = batch * batch_size
-    return [int(_permutation(n, seed, p // n)[p % n]) for p in range(start, start + batch_size)]
+    if n < batch_size:
+        raise DataError(f"{n} training examples (or pairs), fewer than a batch of {batch_size}; expected at "
+                        f"least batch_size distinct ones, so that no batch repeats one (lower batch_size)")
+    epoch, k = divmod(batch, n // batch_size)
+    return _permutation(n, seed, epoch)[k * batch_size:(k + 1) * batch_size].tolist()
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,23 +347,48 @@ def collate(pairs: list[tuple[list[int], list[int]]], block_size: int) -> tuple[
 
 
 def kl_pairs(examples: list[Tokens]) -> list[tuple[list[int], list[int]]]:
-    """Mismatched pairs for the reference point: prompt i with the completion of example i+1 (mod B).
+    """Mismatched pairs for the reference point: each prompt with a completion written for another prompt.
 
-    A cyclic shift never pairs an example with itself (a reversal would, for the middle of an odd
-    batch), and the KL completions are exactly the batch's completions. Labels play no part.
+    The rows are put in prompt order and each prompt takes the completion m places further on
+    (cyclically), m being the most rows any one prompt has: rows that share a prompt are adjacent in
+    that order, so m places on is always another prompt. With distinct prompts (m = 1) this is the
+    paper's shift by one. The KL completions are exactly the batch's completions; labels play no part.
     """
-    if len(examples) < 2:
-        raise DataError("a KTO batch needs at least 2 examples to build mismatched KL pairs; got 1 (raise batch_size)")
-    return [(ex.prompt, examples[(i + 1) % len(examples)].completion) for i, ex in enumerate(examples)]
+    counts = collections.Counter(tuple(ex.prompt) for ex in examples)
+    m = max(counts.values())
+    if 2 * m > len(examples):
+        raise DataError(f"a KTO batch of {len(examples)} holds {m} examples of one prompt; mismatched KL pairs need "
+                        f"every prompt in at most half the batch (raise batch_size)")
+    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt)
+    partner = {order[p]: order[(p + m) % len(order)] for p in range(len(order))}
+    return [(ex.prompt, examples[partner[i]].completion) for i, ex in enumerate(examples)]
 
 
-def make_batch(examples: list[Tokens], block_size: int, with_kl: bool) -> dict[str, torch.Tensor]:
-    """Tensors for one global batch; KL pairs are built here, on the global batch, before sharding."""
-    idx, targets, scored = collate([(ex.prompt, ex.completion) for ex in examples], block_size)
-    batch = {"idx": idx, "targets": targets, "scored": scored,
-             "desirable": torch.tensor([ex.desirable for ex in examples])}
+def check_kl_pairs(examples: list[Tokens], batch_size: int) -> None:
+    """Refuse, before training, data whose batches could hold one prompt in more than half their rows."""
+    prompt, m = collections.Counter(tuple(ex.prompt) for ex in examples).most_common(1)[0]
+    if 2 * min(m, batch_size) > batch_size:
+        raise DataError(f"one prompt has {m} examples, and a KTO batch of {batch_size} could hold more than half "
+                        f"its rows from it, leaving no mismatched completion for KL pairs; expected batch_size "
+                        f"of at least {2 * m}")
+
+
+def make_batch(units: list[Tokens] | list[PairTokens], block_size: int, with_kl: bool) -> dict[str, torch.Tensor]:
+    """Tensors for one global batch, built before sharding (so KL pairs are drawn from the global batch).
+
+    Examples give one row each (and KL rows when with_kl). Pairs give two rows each, chosen then
+    rejected, so a contiguous shard holds whole pairs.
+    """
+    tags = torch.tensor([TAGS.index(u.tag) for u in units])
+    if isinstance(units[0], PairTokens):
+        rows = [(p.prompt, completion) for p in units for completion in (p.chosen, p.rejected)]
+        idx, targets, scored = collate(rows, block_size)
+        return {"idx": idx, "targets": targets, "scored": scored, "tag": tags.repeat_interleave(2)}
+    idx, targets, scored = collate([(ex.prompt, ex.completion) for ex in units], block_size)
+    batch = {"idx": idx, "targets": targets, "scored": scored, "tag": tags,
+             "desirable": torch.tensor([ex.desirable for ex in units])}
     if with_kl:
-        batch["kl_idx"], batch["kl_targets"], batch["kl_scored"] = collate(kl_pairs(examples), block_size)
+        batch["kl_idx"], batch["kl_targets"], batch["kl_scored"] = collate(kl_pairs(units), block_size)
     return batch
 
 

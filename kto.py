@@ -1,4 +1,4 @@
-"""The KTO objective of Ethayarajh et al. 2024 (arXiv 2402.01306), equation by equation.
+"""The KTO objective of Ethayarajh et al. 2024 (arXiv 2402.01306), equation by equation, and DPO beside it.
 
 Convention: beta sits outside the log-ratio. The reward r and the reference point z_ref are plain
 log-ratios (nats) and beta multiplies their difference inside the sigmoid. The paper writes
@@ -6,11 +6,18 @@ r = beta * log-ratio and z_ref = beta * KL; the value function is the same.
 
 Every function is pure apart from the all-reduce in `kl_reference_point`, which averages over the
 processes that share a batch.
+
+The losses return (loss, stats). Stats of 0 dimensions are sums and counts, which add up across
+micro-batches and ranks; stats of 1 dimension are per example (per pair for DPO): z, the gradient
+weight of Prop. 4.1 and whether it is saturated.
 """
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-# An example is "saturated" when its Prop. 4.1 gradient weight is below this fraction of its peak.
+# An example is "saturated" when its gradient weight is below this fraction of the largest weight the
+# loss can give (KTO: lambda_y * beta / 4 at r = z_ref; DPO: beta, for a pair ordered far wrong).
 SATURATION_FRACTION = 0.1
 
 
@@ -64,14 +71,14 @@ def kto_loss(
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The KTO loss, eq. (7), and the per-batch sums that describe it.
+    """The KTO loss, eq. (7), and the stats that describe it.
 
     policy_logps, reference_logps: (B,) log pi(y|x) of each example's own completion.
     policy_kl_logps, reference_kl_logps: log-probs of the mismatched KL pairs (see `kl_reference_point`).
     desirable: (B,) bool, the label of each example.
 
-    Returns the mean over examples of lambda(y) * (1 - v(x, y)) and a dict of sums and counts,
-    which add up across micro-batches and ranks (see `summarize`).
+    Returns the mean over examples of lambda(y) * (1 - v(x, y)) and the stats (see the module docstring),
+    per example: z = beta * (r - z_ref), the weight lambda(y) * beta * v * (1 - v) and `saturated`.
     """
     z_ref, kl_raw = kl_reference_point(policy_kl_logps, reference_kl_logps)
     r = implied_reward(policy_logps, reference_logps)
@@ -87,6 +94,7 @@ def kto_loss(
     weight = (lam * beta * v * (1 - v)).detach()
     saturated = weight < SATURATION_FRACTION * lam * beta / 4
     r, d, u = r.detach(), desirable.float(), (~desirable).float()
+    z = beta * (r - z_ref)
     stats = {
         "loss_sum": losses.detach().sum(),
         "n": torch.tensor(float(r.numel()), device=r.device),
@@ -99,6 +107,50 @@ def kto_loss(
         "kl_raw_sum": kl_raw,  # z_ref and the raw estimate, once per batch: the clamp shows when they differ
         "z_ref_sum": z_ref,
         "n_batches": torch.ones((), device=r.device),
+        "z": z,
+        "weight": weight,
+        "saturated": saturated,
+    }
+    return loss, stats
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO loss (Rafailov et al. 2023, eq. 7), for comparison, and the stats that describe it.
+
+    Each argument is (P,): log pi(y|x) of the chosen (y_w) or rejected (y_l) completion of P pairs.
+    The loss is the mean over pairs of -log sigmoid(beta * h), h the margin of implied rewards
+    r(x, y_w) - r(x, y_l) (nats, beta outside as in `kto_loss`). Per pair: z = beta * h, the weight
+    and `saturated`.
+    """
+    r_chosen = implied_reward(policy_chosen_logps, reference_chosen_logps)
+    r_rejected = implied_reward(policy_rejected_logps, reference_rejected_logps)
+    z = beta * (r_chosen - r_rejected)
+    losses = -F.logsigmoid(z)
+    loss = losses.mean()
+
+    # d loss / d log pi_theta(y_w|x) = -beta * sigmoid(-z), and the opposite for y_l: the weight is largest
+    # for pairs ordered wrong and vanishes only once a pair is ordered right by a wide margin. Unlike
+    # KTO's, it never saturates on the wrong side (see the `value` lesson).
+    weight = (beta * torch.sigmoid(-z)).detach()
+    saturated = weight < SATURATION_FRACTION * beta
+    z = z.detach()
+    stats = {
+        "loss_sum": losses.detach().sum(),
+        "n": torch.tensor(float(z.numel()), device=z.device),
+        "reward_chosen_sum": r_chosen.detach().sum(),
+        "reward_rejected_sum": r_rejected.detach().sum(),
+        "n_ordered": (z > 0).float().sum(),  # pairs whose chosen completion already has the larger reward
+        "grad_weight_sum": weight.sum(),
+        "n_saturated": saturated.float().sum(),
+        "z": z,
+        "weight": weight,
+        "saturated": saturated,
     }
     return loss, stats
 
@@ -108,6 +160,22 @@ def sft_loss(policy_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
     losses = -policy_logps
     stats = {"loss_sum": losses.detach().sum(), "n": torch.tensor(float(losses.numel()), device=losses.device)}
     return losses.mean(), stats
+
+
+def advised_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """The paper's advice (section 4.2): lambda_D n_D / (lambda_U n_U) in [1, 4/3], one lambda at 1.
+
+    Data already in range keeps lambda_D = lambda_U = 1; otherwise the smaller class is weighted up
+    just enough to reach the nearer end of the range.
+    """
+    if n_desirable == 0 or n_undesirable == 0:
+        return 1.0, 1.0
+    ratio = n_desirable / n_undesirable
+    if ratio < 1:
+        return 1 / ratio, 1.0
+    if ratio > 4 / 3:
+        return 1.0, ratio * 3 / 4
+    return 1.0, 1.0
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float | None]:
@@ -122,11 +190,31 @@ def summarize(sums: dict[str, float]) -> dict[str, float | None]:
         out.update(
             reward_desirable=mean("reward_desirable_sum", "n_desirable"),
             reward_undesirable=mean("reward_undesirable_sum", "n_undesirable"),
-            grad_weight=mean("grad_weight_sum", "n"),
-            saturated=mean("n_saturated", "n"),
             n_desirable=sums["n_desirable"],
             n_undesirable=sums["n_undesirable"],
         )
         if out["reward_desirable"] is not None and out["reward_undesirable"] is not None:
             out["margin"] = out["reward_desirable"] - out["reward_undesirable"]
+    if "n_ordered" in sums:
+        out.update(reward_chosen=mean("reward_chosen_sum", "n"), reward_rejected=mean("reward_rejected_sum", "n"),
+                   ordered=mean("n_ordered", "n"))
+        out["margin"] = out["reward_chosen"] - out["reward_rejected"]
+    if "grad_weight_sum" in sums:
+        out.update(grad_weight=mean("grad_weight_sum", "n"), saturated=mean("n_saturated", "n"))
+    return out
+
+
+def group_summary(z: np.ndarray, weight: np.ndarray, saturated: np.ndarray, group: list[str],
+                  names: tuple[str, ...]) -> dict[str, dict]:
+    """Per group of examples, in the order of `names`: how many, their mean gradient weight, the share
+    saturated, and the 10/50/90% quantiles of z. group[i] names example i's group."""
+    group = np.asarray(group)
+    out = {}
+    for name in names:
+        mask = group == name
+        if not mask.any():
+            continue
+        q10, q50, q90 = np.quantile(z[mask], [0.1, 0.5, 0.9]).tolist()
+        out[name] = {"n": int(mask.sum()), "grad_weight": float(weight[mask].mean()),
+                     "saturated": float(saturated[mask].mean()), "z_q10": q10, "z_q50": q50, "z_q90": q90}
     return out

@@ -6,7 +6,8 @@
 
 The run is made of stages, each with its own checkpoint in out_dir:
   sft      the starting point: SFT on every completion, labels ignored (when init_from="sft")
-  kto      the main loss (or sft, when loss="sft"), starting from that point; its frozen copy is the reference
+  kto      the main loss (dpo or sft, and named so, when loss says), starting from that point; its frozen
+           copy is the reference
   control  SFT continued from the same point for as many steps as kto, labels ignored
 On the built-in task each model is then sampled on held-out prompts and scored by the judge.
 """
@@ -19,7 +20,9 @@ import math
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -34,11 +37,18 @@ from model import GPT, GPTConfig
 @dataclass
 class TrainConfig:
     # data
-    data: str = "arithmetic"  # "arithmetic" (the built-in task) or a JSONL file of {"prompt", "completion", "label"}
+    data: str = "arithmetic"  # "arithmetic" (the built-in task) or a JSONL file (see data.read_jsonl)
     task_p_correct: float = 0.4  # built-in task: how often its demonstrator answers correctly
     task_heldout: float = 0.1  # built-in task: fraction of prompts kept for evaluation
     task_max_operand: int = 4  # built-in task: operands run from 0 to this
+    task_demos: int = 1  # built-in task: answers per prompt; above 1, one (correct, wrong) pair per prompt with both
     seed: int = 1337
+    # the paper's data settings, seeded, applied in this order to the data of the main loss and the control
+    # (the SFT stage imitates the data as given)
+    contradict: float = 0.0  # fraction of examples (pairs) also given the opposite label by a second annotator
+    label_noise: float = 0.0  # fraction of labels flipped (pairs: chosen and rejected swapped)
+    one_y_per_x: bool = False  # keep one completion per prompt
+    desirable_fraction: float = 1.0  # keep this fraction of the desirable examples (the paper's 1:10 run: 0.1)
     # model (ignored when starting from a checkpoint, which carries its own shape)
     n_layer: int = 2
     n_head: int = 4
@@ -47,7 +57,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     # stages
-    loss: str = "kto"  # the main loss: "kto" or "sft"
+    loss: str = "kto"  # the main loss: "kto", "dpo" (on pairs, beside it) or "sft"
     init_from: str = "sft"  # "sft" (train the SFT stage first), "scratch", or a checkpoint path
     sft_iters: int = 1500
     sft_lr: float = 3e-3  # learning rate of the SFT stage
@@ -56,10 +66,10 @@ class TrainConfig:
     control: bool = True  # also continue SFT from the same start (only with loss="kto")
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
-    lambda_d: float = 1.6  # built-in task, 40% desirable: 1.6*0.4 / (1*0.6) = 1.07, in the paper's [1, 4/3]
-    lambda_u: float = 1.0
+    lambda_d: float | None = None  # None: from the data, by the paper's advice (kto.advised_lambdas); else 1 if
+    lambda_u: float | None = None  # only the other is set
     # optimization
-    batch_size: int = 32  # examples per micro-step, over all processes together
+    batch_size: int = 32  # completions per micro-step, over all processes together (DPO: batch_size/2 pairs)
     grad_accum: int = 1  # micro-steps per optimizer step
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -68,6 +78,7 @@ class TrainConfig:
     warmup_iters: int = 50
     # evaluation on the built-in task
     eval_samples: int = 8  # samples per held-out prompt at temperature 1
+    eval_tokens: int = 8  # tokens generated per sample, at most
     # i/o
     out_dir: str = "out"
     resume: bool = False  # continue each stage from its checkpoint in out_dir
@@ -90,6 +101,11 @@ def parse_config(args: list[str]) -> TrainConfig:
         if key not in fields:
             raise SystemExit(f"error: {source}: unknown config key '{key}'; known keys: {', '.join(fields)}")
         kind = fields[key]
+        if isinstance(kind, types.UnionType):  # float | None: "none" (or JSON null) asks for the default rule
+            if value is None or isinstance(value, str) and value.lower() == "none":
+                setattr(cfg, key, None)
+                return
+            kind = float
         if isinstance(value, str) and kind is not str:  # from the command line
             words = {"true": True, "false": False} if kind is bool else {}
             try:
@@ -130,26 +146,35 @@ def check_config(cfg: TrainConfig) -> None:
             raise SystemExit(f"error: {key}={getattr(cfg, key)!r}: expected {expected}")
 
     for key in ("n_layer", "n_head", "n_embd", "block_size", "sft_iters", "max_iters", "batch_size",
-                "grad_accum", "eval_samples", "log_interval", "ckpt_interval"):
+                "grad_accum", "eval_samples", "eval_tokens", "log_interval", "ckpt_interval", "task_demos"):
         require(getattr(cfg, key) >= 1, key, "an integer of at least 1")
     for key in ("seed", "warmup_iters", "task_max_operand"):
         require(getattr(cfg, key) >= 0, key, "a non-negative integer")
-    for key in ("sft_lr", "lr", "beta", "lambda_d", "lambda_u"):
+    for key in ("sft_lr", "lr", "beta"):
         require(0 < getattr(cfg, key) < math.inf, key, "a positive finite number")
+    for key in ("lambda_d", "lambda_u"):
+        require(getattr(cfg, key) is None or 0 < getattr(cfg, key) < math.inf, key, "a positive finite number or none")
     for key in ("weight_decay", "grad_clip"):
         require(0 <= getattr(cfg, key) < math.inf, key, "a non-negative finite number")
     for key in ("beta1", "beta2", "dropout"):
         require(0 <= getattr(cfg, key) < 1, key, "a number in [0, 1)")
     require(0 <= cfg.task_p_correct <= 1, "task_p_correct", "a probability in [0, 1]")
+    for key in ("contradict", "label_noise"):
+        require(0 <= getattr(cfg, key) < 1, key, "a fraction in [0, 1)")
+    require(0 < cfg.desirable_fraction <= 1, "desirable_fraction", "a fraction in (0, 1]")
     require(0 < cfg.task_heldout < 1, "task_heldout", "a fraction strictly between 0 and 1")
     require(cfg.n_embd % cfg.n_head == 0, "n_embd", f"a multiple of n_head={cfg.n_head}")
     require(cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
     require(cfg.device != "cuda" or torch.cuda.is_available(), "device", "a machine with CUDA")
-    require(cfg.loss in ("kto", "sft"), "loss", "'kto' or 'sft'")
+    require(cfg.loss in ("kto", "dpo", "sft"), "loss", "'kto', 'dpo' or 'sft'")
+    require(cfg.loss != "dpo" or cfg.desirable_fraction == 1, "desirable_fraction",
+            "1 with loss='dpo': dropping desirable examples breaks DPO's pairs")
+    require(cfg.loss != "dpo" or not cfg.one_y_per_x, "one_y_per_x", "false with loss='dpo': a pair has two completions")
+    require(cfg.loss != "dpo" or cfg.batch_size % 2 == 0, "batch_size", "an even number with loss='dpo' (two completions a pair)")
     require(not (cfg.loss == "sft" and cfg.init_from == "sft"), "init_from",
             "'scratch' or a checkpoint with loss='sft' (the SFT stage followed by more SFT is the control)")
     require(cfg.loss != "kto" or cfg.batch_size >= 2, "batch_size",
-            "at least 2 for KTO, to pair prompts with other completions for z_ref (8-16 or more per device is advised)")
+            "at least 2 for KTO, to pair prompts with other completions for z_ref (8-16 or more is advised)")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -166,16 +191,58 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
-def load_data(cfg: TrainConfig) -> tuple[list[data.Tokens], list[str] | None]:
-    """Tokenized training examples and, for the built-in task, held-out prompts."""
+class Data(NamedTuple):
+    sft: list[data.Tokens]  # the SFT stage's: every completion as given, labels ignored
+    main: data.Units  # the main loss's, after the data settings (pairs for DPO)
+    control: list[data.Tokens]  # the control's: the main loss's completions
+    heldout: list[str] | None  # the built-in task's evaluation prompts
+    report: list[str]  # what the data settings did, for the start of the run
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    """Read and tokenize the data, then apply the data settings in their config order."""
     if cfg.data == "arithmetic":
-        examples, heldout = data.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand)
-        if not examples or not heldout:
+        units, heldout = data.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand,
+                                              cfg.task_demos)
+        n_prompts = len(data.task_prompts(cfg.task_max_operand)) - len(heldout)
+        if not units or not heldout:
             raise data.DataError(f"built-in task: task_heldout={cfg.task_heldout} and task_max_operand={cfg.task_max_operand} "
-                                 f"leave {len(examples)} training and {len(heldout)} held-out prompts; expected at least one of each")
+                                 f"leave {len(units)} training examples and {len(heldout)} held-out prompts; "
+                                 f"expected at least one of each")
+        report = [f"built-in task: {n_prompts} training prompts, {len(heldout)} held out"]
+        if cfg.task_demos > 1:
+            report.append(f"built-in task: {cfg.task_demos} answers per prompt; {len(units)} prompts got a correct and a wrong "
+                          f"one (a pair each), {n_prompts - len(units)} got only one kind (no pair)")
     else:
-        examples, heldout = data.read_jsonl(cfg.data), None
-    return data.tokenize(examples, cfg.block_size), heldout
+        units, heldout, report = data.read_jsonl(cfg.data), None, []
+    units = data.tokenize(units, cfg.block_size)
+    paired = isinstance(units[0], data.PairTokens)
+    report.append(f"data: {data.describe(units)}")
+    sft = data.split_pairs(units) if paired else units
+
+    def setting(name: str, new: data.Units) -> data.Units:
+        report.append(f"{name}: {data.describe(new)}")
+        return new
+
+    if cfg.contradict:
+        units = setting(f"contradict={cfg.contradict}", data.add_contradictions(units, cfg.contradict, cfg.seed))
+    if cfg.label_noise:
+        units = setting(f"label_noise={cfg.label_noise}", data.flip_labels(units, cfg.label_noise, cfg.seed))
+    if cfg.loss == "dpo" and not paired:
+        units, unused = data.pair_up(units)
+        setting("DPO", units)
+        report[-1] += f"; {unused} examples without a partner of the other label are not used"
+        if not units:
+            raise data.DataError(f"{cfg.data}: no prompt has both a desirable and an undesirable example; DPO needs pairs")
+    elif cfg.loss != "dpo" and paired:
+        units = setting("pairs split", data.split_pairs(units))
+    if cfg.one_y_per_x:
+        units = setting("one_y_per_x", data.one_per_prompt(units, cfg.seed))
+    if cfg.desirable_fraction < 1:
+        units = setting(f"desirable_fraction={cfg.desirable_fraction}",
+                        data.keep_desirable(units, cfg.desirable_fraction, cfg.seed))
+    control = data.split_pairs(units) if cfg.loss == "dpo" else units
+    return Data(sft, units, control, heldout, report)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -216,16 +283,21 @@ def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT
 
 def compute_loss(policy: torch.nn.Module, reference: GPT | None, batch: dict[str, torch.Tensor],
                  cfg: TrainConfig, loss_name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch (this rank's shard) and its summed stats."""
-    policy_logps = kto.sequence_logps(policy(batch["idx"], batch["targets"], batch["scored"]), batch["scored"])
+    """The loss of one micro-batch (this rank's shard) and its stats (see kto.py)."""
+    def logps(model: torch.nn.Module, prefix: str = "") -> torch.Tensor:
+        scored = batch[prefix + "scored"]
+        return kto.sequence_logps(model(batch[prefix + "idx"], batch[prefix + "targets"], scored), scored)
+
+    policy_logps = logps(policy)
     if loss_name == "sft":
         return kto.sft_loss(policy_logps)
-    raw_policy = policy.module if isinstance(policy, DDP) else policy
     with torch.no_grad():
-        reference_logps = kto.sequence_logps(reference(batch["idx"], batch["targets"], batch["scored"]), batch["scored"])
-        kl_args = (batch["kl_idx"], batch["kl_targets"], batch["kl_scored"])
-        policy_kl_logps = kto.sequence_logps(raw_policy(*kl_args), batch["kl_scored"])
-        reference_kl_logps = kto.sequence_logps(reference(*kl_args), batch["kl_scored"])
+        reference_logps = logps(reference)
+    if loss_name == "dpo":  # rows alternate chosen, rejected (data.make_batch)
+        return kto.dpo_loss(policy_logps[0::2], policy_logps[1::2], reference_logps[0::2], reference_logps[1::2], cfg.beta)
+    with torch.no_grad():  # the KL pairs only set z_ref, which is held constant: no gradient
+        policy_kl_logps = logps(policy.module if isinstance(policy, DDP) else policy, "kl_")
+        reference_kl_logps = logps(reference, "kl_")
     return kto.kto_loss(policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, batch["desirable"],
                         cfg.beta, cfg.lambda_d, cfg.lambda_u)
 
@@ -235,13 +307,51 @@ def lr_at(it: int, lr: float, warmup_iters: int) -> float:
     return lr * min(1.0, (it + 1) / (warmup_iters + 1))
 
 
-def reduce_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sum stats over ranks in one all-reduce; every rank has every key, so none can hang."""
-    keys = sorted(stats)
-    values = torch.stack([stats[k].float() for k in keys])
+# ----------------------------------------------------------------------------- metrics
+# Each step's stats stay on the device; they reach the host, in one all-reduce and one all-gather over
+# the ranks for all the steps since the last, only when rows are written (log and checkpoint intervals).
+
+# Examples are followed in groups: by label (KTO) or as pairs (DPO) when clean, else by their tag.
+GROUPS = ("desirable", "undesirable", "pairs", "flipped", "contradicted")
+
+
+def step_stats(micro_stats: list[dict[str, torch.Tensor]], micro_batches: list[dict[str, torch.Tensor]],
+               loss_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step's stats on the device: its sums (sorted keys) and per-example rows (z, weight, saturated,
+    tag, desirable) x n, desirable -1 for pairs."""
+    sums = torch.stack([sum(s[k] for s in micro_stats).float() for k in sorted(micro_stats[0]) if micro_stats[0][k].dim() == 0])
+    if "z" not in micro_stats[0]:
+        return sums, None
+    rows = []
+    for s, b in zip(micro_stats, micro_batches):
+        tag = b["tag"][0::2] if loss_name == "dpo" else b["tag"]  # DPO: one row per pair
+        desirable = b["desirable"] if "desirable" in b else torch.full_like(tag, -1)
+        rows.append(torch.stack([s["z"].float(), s["weight"].float(), s["saturated"].float(), tag.float(), desirable.float()]))
+    return sums, torch.cat(rows, dim=1)
+
+
+def gather_rows(pending: list[tuple[dict, torch.Tensor, torch.Tensor | None]], keys: list[str]) -> list[dict]:
+    """metrics.jsonl rows for the pending steps: sums over ranks, per-example values from every rank."""
+    sums = torch.stack([s for _, s, _ in pending])
+    examples = torch.stack([e for _, _, e in pending]) if pending[0][2] is not None else None
     if dist.is_initialized():
-        dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
+        dist.all_reduce(sums)
+        if examples is not None:
+            parts = [torch.empty_like(examples) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, examples)
+            examples = torch.cat(parts, dim=2)
+    sums = sums.tolist()
+    examples = examples.cpu().numpy() if examples is not None else None
+    out = []
+    for i, (record, _, _) in enumerate(pending):
+        record = {**record, **kto.summarize(dict(zip(keys, sums[i])))}
+        if examples is not None:
+            z, weight, saturated, tag, desirable = examples[i]
+            groups = [data.TAGS[int(t)] if t else "pairs" if d < 0 else "desirable" if d else "undesirable"
+                      for t, d in zip(tag, desirable)]
+            record["groups"] = kto.group_summary(z, weight, saturated, groups, GROUPS)
+        out.append(record)
+    return out
 
 
 def format_metrics(m: dict) -> str:
@@ -251,20 +361,25 @@ def format_metrics(m: dict) -> str:
     parts = [f"loss {m['loss']:.4f}"]
     if "z_ref" in m:
         parts += [f"reward D {fmt(m['reward_desirable'])} U {fmt(m['reward_undesirable'])} margin {fmt(m.get('margin'))}",
-                  f"kl raw {m['kl_raw']:+.3f} z_ref {m['z_ref']:.3f}",
-                  f"grad weight {m['grad_weight']:.4f} saturated {100 * m['saturated']:.0f}%"]
+                  f"kl raw {m['kl_raw']:+.3f} z_ref {m['z_ref']:.3f}"]
+    if "ordered" in m:
+        parts += [f"reward chosen {fmt(m['reward_chosen'])} rejected {fmt(m['reward_rejected'])} "
+                  f"margin {fmt(m['margin'])} ordered {100 * m['ordered']:.0f}%"]
+    if "groups" in m:
+        parts += [f"grad weight {m['grad_weight']:.4f}", "saturated " +
+                  " ".join(f"{name} {100 * g['saturated']:.0f}%" for name, g in m["groups"].items())]
     return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------- one stage
 
 def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int, lr: float,
-                examples: list[data.Tokens], rank: int, world_size: int, device: torch.device) -> GPT:
+                units: data.Units, rank: int, world_size: int, device: torch.device, progress: bool = True) -> GPT:
     """Train one stage to `iters` iterations from `init` (None: a fresh model); return the model."""
     path = os.path.join(cfg.out_dir, f"{name}.pt")
     model = build_model(cfg, init, device)
     reference = None
-    if loss_name == "kto":  # a frozen copy of the starting policy, never wrapped in DDP
+    if loss_name in ("kto", "dpo"):  # a frozen copy of the starting policy, never wrapped in DDP
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = model.configure_optimizer(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2))
     start = 0
@@ -280,14 +395,15 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     elif os.path.exists(path):
         raise SystemExit(f"error: {path} exists; pass --resume=true to continue it, or choose another --out_dir")
     if start >= iters:
-        if rank == 0:
+        if rank == 0 and progress:
             print(f"{name}: checkpoint at iteration {start}, nothing to train")
         return model
 
     policy = DDP(model) if world_size > 1 else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=iters, initial=start, desc=name, disable=rank != 0, dynamic_ncols=True)
+    per_batch = cfg.batch_size // 2 if loss_name == "dpo" else cfg.batch_size  # DPO: pairs of two completions
+    bar = tqdm(total=iters, initial=start, desc=name, disable=rank != 0 or not progress, dynamic_ncols=True)
+    pending, keys = [], None
     model.train()
     for it in range(start, iters):
         t0 = time.time()
@@ -295,10 +411,10 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
             group["lr"] = lr_at(it, lr, cfg.warmup_iters)
         # Dropout masks depend only on (seed, rank, iteration): a resumed run draws the same ones.
         torch.manual_seed(cfg.seed + 1_000_003 * rank + it)
-        totals: dict[str, torch.Tensor] = {}
+        micro_stats, micro_batches = [], []
         for micro in range(cfg.grad_accum):
-            indices = data.batch_indices(len(examples), cfg.batch_size, it * cfg.grad_accum + micro, cfg.seed)
-            batch = data.make_batch([examples[i] for i in indices], cfg.block_size, with_kl=loss_name == "kto")
+            indices = data.batch_indices(len(units), per_batch, it * cfg.grad_accum + micro, cfg.seed)
+            batch = data.make_batch([units[i] for i in indices], cfg.block_size, with_kl=loss_name == "kto")
             batch = {k: v.to(device) for k, v in data.shard(batch, rank, world_size).items()}
             last = micro == cfg.grad_accum - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-step.
@@ -307,28 +423,32 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
                 with amp:
                     loss, stats = compute_loss(policy, reference, batch, cfg, loss_name)
                 (loss / cfg.grad_accum).backward()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0) + v
+            micro_stats.append(stats)
+            micro_batches.append(batch)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        metrics = kto.summarize(reduce_stats(totals))
+        keys = keys or sorted(k for k, v in micro_stats[0].items() if v.dim() == 0)
+        record = {"stage": name, "iter": it + 1, "lr": optimizer.param_groups[0]["lr"], "ms": round(1000 * (time.time() - t0), 1)}
+        pending.append((record, *step_stats(micro_stats, micro_batches, loss_name)))
         bar.update(1)
-        if rank == 0:
-            record = {"stage": name, "iter": it + 1, "lr": optimizer.param_groups[0]["lr"],
-                      "ms": round(1000 * (time.time() - t0), 1), **metrics}
-            metrics_file.write(json.dumps(record) + "\n")
-            if (it + 1) % cfg.log_interval == 0 or it + 1 == iters:
-                bar.write(f"{name} iter {it + 1}: {format_metrics(metrics)}")
-        if rank == 0 and ((it + 1) % cfg.ckpt_interval == 0 or it + 1 == iters):
+        log = (it + 1) % cfg.log_interval == 0 or it + 1 == iters
+        save = (it + 1) % cfg.ckpt_interval == 0 or it + 1 == iters
+        if log or save:
+            rows = gather_rows(pending, keys)
+            pending = []
+            if rank == 0:
+                with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in rows)
+                if log and progress:
+                    bar.write(f"{name} iter {it + 1}: {format_metrics(rows[-1])}")
+        if rank == 0 and save:
             save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "iter": it + 1, "model_args": dataclasses.asdict(model.config),
                                    "config": dataclasses.asdict(cfg)})
     bar.close()
-    if metrics_file:
-        metrics_file.close()
     if world_size > 1:
         dist.barrier()  # the next stage reads this checkpoint on every rank
     return model
@@ -337,8 +457,11 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def utility(model: GPT, prompts: list[str], samples: int, temperature: float, seed: int, device: torch.device) -> float:
-    """The judge's mean score of completions sampled for `prompts` (temperature 0: greedy)."""
+def evaluate(model: GPT, prompts: list[str], samples: int, temperature: float, seed: int, device: torch.device,
+             max_new_tokens: int = 8) -> dict[str, float]:
+    """Sample `samples` completions per prompt (temperature 0: greedy) and report the judge's mean score
+    ("utility"), the mean completion length in tokens before EOT ("length"), and the share of completions
+    that end with EOT within max_new_tokens ("eot")."""
     enc = data.get_tokenizer()
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -346,45 +469,68 @@ def utility(model: GPT, prompts: list[str], samples: int, temperature: float, se
     for p in prompts:  # prompts of one length share a batch, so no padding is needed
         ids = enc.encode_ordinary(p)
         by_length.setdefault(len(ids), []).append((p, ids))
-    scores = []
+    scores, lengths, ended = [], [], []
     for group in by_length.values():
         for i in range(0, len(group), 64):  # 64 prompts at a time bound the (rows, 50257) logits in memory
             chunk = group[i:i + 64]
             idx = torch.tensor([ids for _, ids in chunk], device=device).repeat_interleave(samples, dim=0)
-            out = model.generate(idx, max_new_tokens=3, temperature=temperature, generator=generator)
+            out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
             for row, completion in enumerate(out[:, idx.size(1):].tolist()):
-                completion = completion[:completion.index(data.EOT)] if data.EOT in completion else completion
+                ended.append(data.EOT in completion)
+                completion = completion[:completion.index(data.EOT)] if ended[-1] else completion
+                lengths.append(len(completion))
                 scores.append(data.judge(chunk[row // samples][0], enc.decode(completion)))
-    return sum(scores) / len(scores)
+    n = len(scores)
+    return {"utility": sum(scores) / n, "length": sum(lengths) / n, "eot": sum(ended) / n}
 
 
 # ----------------------------------------------------------------------------- main
 
-def main() -> None:
-    cfg = parse_config(sys.argv[1:])
-    rank, world_size, device = setup_distributed(cfg)
-    if cfg.batch_size % world_size:
-        raise SystemExit(f"error: batch_size={cfg.batch_size}: expected a multiple of the {world_size} processes")
-    if rank == 0 and cfg.loss == "kto" and cfg.batch_size // world_size < 8:
-        print(f"note: {cfg.batch_size // world_size} KTO examples per device; 8 to 16 or more give a steadier z_ref")
+def prepare(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Data]:
+    """Load the data, check it against the batch, and settle lambda_d and lambda_u (the returned config)."""
+    d = load_data(cfg)
+    for units in (d.sft, d.control, d.main):  # every stage draws whole batches of distinct examples
+        data.batch_indices(len(units), cfg.batch_size // 2 if units is d.main and cfg.loss == "dpo" else cfg.batch_size, 0, cfg.seed)
+    if cfg.loss != "kto":
+        return cfg, d
+    data.check_kl_pairs(d.main, cfg.batch_size)
+    n_d = sum(ex.desirable for ex in d.main)
+    n_u = len(d.main) - n_d
+    advised = kto.advised_lambdas(n_d, n_u)
+    if cfg.lambda_d is None and cfg.lambda_u is None:
+        cfg = dataclasses.replace(cfg, lambda_d=advised[0], lambda_u=advised[1])
+        how = "from the data, by the paper's advice"
+    else:
+        cfg = dataclasses.replace(cfg, lambda_d=cfg.lambda_d or 1.0, lambda_u=cfg.lambda_u or 1.0)
+        how = f"as set; the paper's advice gives lambda_d={advised[0]:.3g}, lambda_u={advised[1]:.3g}"
+    ratio = f"{cfg.lambda_d * n_d / (cfg.lambda_u * n_u):.2f}" if n_d and n_u else "undefined (one class only)"
+    d.report.append(f"lambda_d={cfg.lambda_d:.3g}, lambda_u={cfg.lambda_u:.3g} ({how}): "
+                    f"lambda_d*n_d / (lambda_u*n_u) = {ratio}; the paper advises 1 to 4/3")
+    return cfg, d
+
+
+def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
+    """The stages of one run, then the utility table on the built-in task."""
+    per_rank = cfg.batch_size // 2 if cfg.loss == "dpo" else cfg.batch_size
+    if per_rank % world_size:
+        raise SystemExit(f"error: batch_size={cfg.batch_size}: expected {per_rank} {'pairs' if cfg.loss == 'dpo' else 'examples'} "
+                         f"to be a multiple of the {world_size} processes")
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        examples, heldout = load_data(cfg)
+        cfg, d = prepare(cfg, world_size)
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
     if rank == 0:
-        n_d = sum(ex.desirable for ex in examples)
-        n_u = len(examples) - n_d
-        print(f"{len(examples)} examples: {n_d} desirable, {n_u} undesirable; device {device}, {world_size} process(es)")
-        ratio = cfg.lambda_d * n_d / (cfg.lambda_u * n_u) if n_u else math.inf
-        if cfg.loss == "kto" and not 1 <= ratio <= 4 / 3:
-            print(f"note: lambda_d*n_d / (lambda_u*n_u) = {ratio:.2f}; the paper advises 1 to 4/3")
+        print("\n".join(d.report))
+        print(f"device {device}, {world_size} process(es)")
+        if cfg.loss == "kto" and cfg.batch_size < 8:
+            print(f"note: z_ref pools each global micro-batch of {cfg.batch_size} examples; 8 to 16 or more give a steadier z_ref")
 
-    stage = functools.partial(train_stage, cfg, examples=examples, rank=rank, world_size=world_size, device=device)
+    stage = functools.partial(train_stage, cfg, rank=rank, world_size=world_size, device=device)
     start_path = None
     models = {}
     if cfg.init_from == "sft":
-        models["SFT"] = stage("sft", "sft", None, cfg.sft_iters, cfg.sft_lr)
+        models["SFT"] = stage("sft", "sft", None, cfg.sft_iters, cfg.sft_lr, d.sft)
         start_path = os.path.join(cfg.out_dir, "sft.pt")
     elif cfg.init_from != "scratch":
         context = read_checkpoint(cfg.init_from)["model_args"]["block_size"]
@@ -392,22 +538,30 @@ def main() -> None:
             raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {context}, the context of {cfg.init_from}")
         start_path = cfg.init_from
     models[f"SFT+{cfg.loss.upper()}" if start_path else cfg.loss.upper()] = \
-        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, cfg.lr)
-    if cfg.control and cfg.loss == "kto":
+        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, cfg.lr, d.main)
+    if cfg.control and cfg.loss != "sft":
         models["SFT+SFT (control)" if start_path else "SFT (control)"] = \
-            stage("control", "sft", start_path, cfg.max_iters, cfg.lr)
+            stage("control", "sft", start_path, cfg.max_iters, cfg.lr, d.control)
 
-    if rank == 0 and heldout is not None:
-        print(f"\nheld-out utility: the judge's mean score on {len(heldout)} unseen prompts")
+    if rank == 0 and d.heldout is not None:
+        print(f"\nheld-out utility: the judge's mean score on {len(d.heldout)} unseen prompts")
         print(f"{'model':<20}{'sampled (T=1)':>15}{'greedy':>10}")
         for label, model in models.items():
-            sampled = utility(model, heldout, cfg.eval_samples, 1.0, cfg.seed, device)
-            greedy = utility(model, heldout, 1, 0.0, cfg.seed, device)
-            print(f"{label:<20}{100 * sampled:>14.1f}%{100 * greedy:>9.1f}%")
+            sampled = evaluate(model, d.heldout, cfg.eval_samples, 1.0, cfg.seed, device, cfg.eval_tokens)
+            greedy = evaluate(model, d.heldout, 1, 0.0, cfg.seed, device, cfg.eval_tokens)
+            print(f"{label:<20}{100 * sampled['utility']:>14.1f}%{100 * greedy['utility']:>9.1f}%")
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"eval": label, "utility_sampled": sampled, "utility_greedy": greedy}) + "\n")
-    if world_size > 1:
-        dist.destroy_process_group()
+                f.write(json.dumps({"eval": label, "sampled": sampled, "greedy": greedy}) + "\n")
+
+
+def main() -> None:
+    cfg = parse_config(sys.argv[1:])
+    rank, world_size, device = setup_distributed(cfg)
+    try:
+        run(cfg, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

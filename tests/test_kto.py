@@ -1,6 +1,7 @@
 """The KTO loss against the paper's formulas, evaluated by hand."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,11 @@ def sigmoid(x: float) -> float:
 POLICY = [-3.0, -7.5, -1.2, -20.0, -4.4]
 REFERENCE = [-4.0, -6.0, -1.0, -2.0, -9.4]
 DESIRABLE = [True, True, False, False, True]
+
+
+def sums(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The summed stats (0 dimensions), as train.py reduces them."""
+    return {k: v.item() for k, v in stats.items() if v.dim() == 0}
 
 
 def kl_pairs_with_mean(z: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +38,7 @@ def test_loss_matches_eq7_by_hand():
     loss, stats = kto.kto_loss(torch.tensor(POLICY, dtype=torch.float64), torch.tensor(REFERENCE, dtype=torch.float64),
                                *kl_pairs_with_mean(z_ref), torch.tensor(DESIRABLE), beta, lambda_d, lambda_u)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
-    summary = kto.summarize({k: v.item() for k, v in stats.items()})
+    summary = kto.summarize(sums(stats))
     assert summary["loss"] == pytest.approx(expected, rel=1e-12)
     assert summary["n_desirable"] == 3 and summary["n_undesirable"] == 2
     assert summary["reward_desirable"] == pytest.approx((1.0 - 1.5 + 5.0) / 3)
@@ -114,7 +120,7 @@ def test_sequence_logps_sums_only_masked_tokens():
 def test_summary_of_a_one_class_batch_has_no_nan():
     _, stats = kto.kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([-1.0, -2.0]),
                             torch.tensor([-1.0, -2.0]), torch.tensor([True, True]))
-    summary = kto.summarize({k: v.item() for k, v in stats.items()})
+    summary = kto.summarize(sums(stats))
     assert summary["reward_undesirable"] is None and "margin" not in summary
     assert summary["reward_desirable"] == pytest.approx(-0.25)
 
@@ -122,3 +128,83 @@ def test_summary_of_a_one_class_batch_has_no_nan():
 def test_sft_loss_is_mean_negative_log_likelihood():
     loss, _ = kto.sft_loss(torch.tensor([-2.0, -4.0]))
     assert loss.item() == pytest.approx(3.0)
+
+
+def test_per_example_z_weight_and_saturation_by_hand():
+    beta, lambda_d, lambda_u, z_ref = 0.5, 2.0, 1.0, 1.5
+    _, stats = kto.kto_loss(torch.tensor(POLICY, dtype=torch.float64), torch.tensor(REFERENCE, dtype=torch.float64),
+                            *kl_pairs_with_mean(z_ref), torch.tensor(DESIRABLE), beta, lambda_d, lambda_u)
+    for i, (p, r_, d) in enumerate(zip(POLICY, REFERENCE, DESIRABLE)):
+        z = beta * ((p - r_) - z_ref)  # signed by reward, whatever the label
+        lam = lambda_d if d else lambda_u
+        v = sigmoid(z) if d else sigmoid(-z)
+        assert stats["z"][i].item() == pytest.approx(z, rel=1e-12)
+        assert stats["weight"][i].item() == pytest.approx(lam * beta * v * (1 - v), rel=1e-10)
+        assert bool(stats["saturated"][i]) == (v * (1 - v) < 0.1 / 4)
+    # example 4 (reward -18) is far below z_ref, example 5 (reward +5) fairly far above
+    assert stats["saturated"].tolist() == [False, False, False, True, False]
+
+
+def dpo_by_hand(chosen, rejected, ref_chosen, ref_rejected, beta):
+    margins = [(c - rc) - (r - rr) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+    losses = [-math.log(sigmoid(beta * h)) for h in margins]
+    return margins, sum(losses) / len(losses)
+
+
+CHOSEN, REJECTED = [-3.0, -9.0, -1.0, -30.0], [-4.0, -2.0, -6.0, -1.0]
+REF_CHOSEN, REF_REJECTED = [-3.5, -5.0, -2.0, -4.0], [-3.0, -4.0, -2.5, -3.0]
+
+
+def test_dpo_loss_matches_its_formula_by_hand():
+    beta = 0.3
+    margins, expected = dpo_by_hand(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta)
+    loss, stats = kto.dpo_loss(*(torch.tensor(x, dtype=torch.float64) for x in (CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED)),
+                               beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    summary = kto.summarize(sums(stats))
+    assert summary["loss"] == pytest.approx(expected, rel=1e-12)
+    assert summary["reward_chosen"] == pytest.approx(sum(c - rc for c, rc in zip(CHOSEN, REF_CHOSEN)) / 4)
+    assert summary["reward_rejected"] == pytest.approx(sum(r - rr for r, rr in zip(REJECTED, REF_REJECTED)) / 4)
+    assert summary["ordered"] == sum(h > 0 for h in margins) / 4 == 0.5
+    assert stats["z"].tolist() == pytest.approx([beta * h for h in margins], rel=1e-12)
+
+
+def test_dpo_gradient_matches_its_closed_form():
+    """d loss / d log pi(y_w|x) = -beta * sigmoid(-beta h) / P, and the opposite for y_l."""
+    beta = 0.3
+    chosen = torch.tensor(CHOSEN, dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor(REJECTED, dtype=torch.float64, requires_grad=True)
+    loss, stats = kto.dpo_loss(chosen, rejected, torch.tensor(REF_CHOSEN, dtype=torch.float64),
+                               torch.tensor(REF_REJECTED, dtype=torch.float64), beta)
+    loss.backward()
+    margins, _ = dpo_by_hand(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta)
+    weights = [beta * sigmoid(-beta * h) for h in margins]
+    assert chosen.grad.tolist() == pytest.approx([-w / 4 for w in weights], rel=1e-10)
+    assert rejected.grad.tolist() == pytest.approx([w / 4 for w in weights], rel=1e-10)
+    assert stats["weight"].tolist() == pytest.approx(weights, rel=1e-10)
+    # the pair ordered far wrong (h = -36) keeps nearly the largest weight; only a pair ordered right saturates
+    assert stats["saturated"].tolist() == [w < 0.1 * beta for w in weights] == [False, False, False, False]
+    _, far = kto.dpo_loss(torch.tensor([0.0]), torch.tensor([-40.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta)
+    assert far["saturated"].tolist() == [True]
+
+
+@pytest.mark.parametrize("n_d, n_u, expected", [(50, 50, (1.0, 1.0)), (40, 60, (1.5, 1.0)), (60, 50, (1.0, 1.0)),
+                                                (5, 50, (10.0, 1.0)), (80, 20, (1.0, 3.0))])
+def test_advised_lambdas_put_the_ratio_in_the_papers_range(n_d, n_u, expected):
+    lambda_d, lambda_u = kto.advised_lambdas(n_d, n_u)
+    assert (lambda_d, lambda_u) == pytest.approx(expected)
+    assert 1 - 1e-12 <= lambda_d * n_d / (lambda_u * n_u) <= 4 / 3 + 1e-12
+    assert min(lambda_d, lambda_u) == 1.0
+
+
+def test_group_summary_by_hand():
+    z = np.array([-3.0, 1.0, 2.0, 0.5, 10.0])
+    weight = np.array([0.1, 0.2, 0.3, 0.4, 0.0])
+    saturated = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
+    out = kto.group_summary(z, weight, saturated, ["desirable", "flipped", "desirable", "desirable", "flipped"],
+                            ("desirable", "undesirable", "flipped"))
+    assert list(out) == ["desirable", "flipped"]
+    assert out["desirable"]["n"] == 3 and out["desirable"]["grad_weight"] == pytest.approx((0.1 + 0.3 + 0.4) / 3)
+    assert out["desirable"]["z_q50"] == 0.5 and out["flipped"]["saturated"] == 0.5
+    # numpy's default (linear) quantile of (-3, 0.5, 2) at 10%: -3 + 0.2 * 3.5
+    assert out["desirable"]["z_q10"] == pytest.approx(-2.3)
