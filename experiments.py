@@ -1,0 +1,498 @@
+"""The paper's claims and Prop. 4.1 as lessons on the built-in task, one command each.
+
+    python experiments.py value                     # KTO's and DPO's value and gradient weight (seconds)
+    python experiments.py noise --seeds=3           # KTO vs DPO with 0-30% of labels flipped
+    python experiments.py dpo --seeds=1 --max_iters=100 --device=cuda   # any train.py setting after the lesson
+
+Lessons: value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict (see LESSONS).
+Each trains with train.py's own functions, shares one SFT stage per seed and data set, skips runs already
+finished (their result.json exists), prints its table (mean and min-max over seeds) and writes
+out_dir/LESSON/LESSON.json and LESSON.png. Figures need matplotlib; without it the numbers still come.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import kto
+import train
+
+# The lessons' scale: a few minutes a run on a 2-core CPU. The built-in task with 4 answers per prompt
+# gives pairs (one correct, one wrong answer), so DPO, KTO and SFT see the same completions.
+LESSON_DEFAULTS = {"task_demos": 4, "sft_iters": 500, "max_iters": 300, "eval_samples": 4, "log_interval": 10,
+                   "out_dir": "out-lessons"}
+SEEDS = (1337, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+# What the SFT stage depends on: runs that agree on these share it.
+SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_max_operand", "task_demos", "seed", "n_layer", "n_head",
+            "n_embd", "block_size", "dropout", "bias", "sft_iters", "sft_lr", "batch_size", "grad_accum",
+            "weight_decay", "beta1", "beta2", "grad_clip", "warmup_iters", "device")
+
+
+# ----------------------------------------------------------------------------- runs
+
+class Lab:
+    """One lesson's runs: each a train.py stage from the shared SFT model of its seed, then evaluated."""
+
+    def __init__(self, lesson: str, base: train.TrainConfig, seeds: int, device: torch.device):
+        self.lesson, self.base, self.seeds, self.device = lesson, base, SEEDS[:seeds], device
+        self.dir = os.path.join(base.out_dir, lesson)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def sft(self, cfg: train.TrainConfig) -> str:
+        """The path of the SFT checkpoint for cfg's data and seed, trained on first use."""
+        key = {k: getattr(cfg, k) for k in SFT_KEYS}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        out_dir = os.path.join(self.base.out_dir, "sft", f"{digest}-seed{cfg.seed}")
+        os.makedirs(out_dir, exist_ok=True)
+        sft_cfg = train.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
+        _, d = train.prepare(sft_cfg, 1)
+        train.train_stage(sft_cfg, "sft", "sft", None, cfg.sft_iters, cfg.sft_lr, d.sft, 0, 1, self.device, progress=False)
+        return os.path.join(out_dir, "sft.pt")
+
+    def run(self, name: str, seed: int, **overrides) -> dict:
+        """Train one run (loss and settings from overrides) and evaluate it; cached in its result.json.
+
+        loss="none" evaluates the SFT start itself."""
+        out_dir = os.path.join(self.dir, f"{name}-seed{seed}")
+        path = os.path.join(out_dir, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        os.makedirs(out_dir, exist_ok=True)
+        cfg = dataclasses.replace(self.base, seed=seed, out_dir=out_dir, resume=True, control=False,
+                                  **{k: v for k, v in overrides.items() if k != "loss" or v != "none"})
+        train.check_config(cfg)
+        cfg, d = train.prepare(cfg, 1)
+        init = None if cfg.init_from == "scratch" else self.sft(cfg)
+        result = {"name": name, "seed": seed, "overrides": overrides, "report": d.report,
+                  "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u}
+        if overrides.get("loss") == "none":
+            model = train.build_model(cfg, init, self.device)
+        else:
+            # The saturation lesson stops at the start, the middle and the end to weigh every training example.
+            stops = (0, cfg.max_iters // 2, cfg.max_iters) if self.lesson == "saturation" else (cfg.max_iters,)
+            for stop in stops:
+                model = train.train_stage(cfg, cfg.loss, cfg.loss, init, stop, cfg.lr, d.main, 0, 1, self.device,
+                                          progress=False)
+                if len(stops) > 1:
+                    result.setdefault("weights", {})[str(stop)] = weigh(model, cfg, d.main, init, self.device)
+        result.update(sampled=train.evaluate(model, d.heldout, cfg.eval_samples, 1.0, seed, self.device, cfg.eval_tokens),
+                      greedy=train.evaluate(model, d.heldout, 1, 0.0, seed, self.device, cfg.eval_tokens))
+        if overrides.get("contradict"):  # what became of the contradicted prompts, against the others of training
+            tagged = {}
+            for u in d.main:
+                tagged.setdefault(data.get_tokenizer().decode(u.prompt), set()).add(u.tag)
+            for group in ("contradicted", "clean"):
+                prompts = [p for p, tags in tagged.items() if tags == {group}]
+                result[f"greedy_{group}_prompts"] = train.evaluate(model, prompts, 1, 0.0, seed, self.device, cfg.eval_tokens)
+        with open(path, "w") as f:
+            json.dump(result, f)
+        return result
+
+    def runs(self, plan: list[tuple[str, dict]]) -> dict[str, list[dict]]:
+        """Every (name, overrides) of the plan for every seed, under one progress bar."""
+        results: dict[str, list[dict]] = {name: [] for name, _ in plan}
+        bar = tqdm(total=len(plan) * len(self.seeds), desc=self.lesson, unit="run", dynamic_ncols=True)
+        for seed in self.seeds:
+            for name, overrides in plan:
+                bar.set_postfix_str(f"{name} seed {seed}")
+                results[name].append(self.run(name, seed, **overrides))
+                bar.update(1)
+        bar.close()
+        return results
+
+    def metrics(self, name: str, seed: int) -> list[dict]:
+        """The training rows of one run, the last written for each iteration (a resumed run repeats some)."""
+        rows = {}
+        with open(os.path.join(self.dir, f"{name}-seed{seed}", "metrics.jsonl")) as f:
+            for row in map(json.loads, f):
+                if "iter" in row:
+                    rows[row["iter"]] = row
+        return [rows[i] for i in sorted(rows)]
+
+    def save(self, numbers: dict) -> None:
+        path = os.path.join(self.dir, f"{self.lesson}.json")
+        with open(path, "w") as f:
+            json.dump(numbers, f, indent=1)
+        print(f"numbers: {path}")
+
+
+@torch.no_grad()
+def weigh(model: torch.nn.Module, cfg: train.TrainConfig, units: list[data.Tokens], init: str | None,
+          device: torch.device) -> dict[str, list]:
+    """z, the Prop. 4.1 weight and `saturated` of the training examples under `model` (KTO), in batches of
+    the run's size taken in order (the last incomplete batch left out)."""
+    reference = train.build_model(cfg, init, device).eval()
+    model.eval()
+    out: dict[str, list] = {"z": [], "weight": [], "saturated": [], "group": []}
+    for i in range(0, len(units) - cfg.batch_size + 1, cfg.batch_size):
+        batch = data.make_batch(units[i:i + cfg.batch_size], cfg.block_size, with_kl=True)
+        _, stats = train.compute_loss(model, reference, {k: v.to(device) for k, v in batch.items()}, cfg, "kto")
+        for key in ("z", "weight", "saturated"):
+            out[key] += stats[key].tolist()
+        out["group"] += [u.tag if u.tag != "clean" else "desirable" if u.desirable else "undesirable"
+                         for u in units[i:i + cfg.batch_size]]
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------- tables and figures
+
+def spread(values: list[float], scale: float = 100) -> str:
+    """'mean (min-max)' over seeds."""
+    v = [scale * x for x in values]
+    return f"{np.mean(v):.1f}" if len(v) == 1 else f"{np.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+
+
+def utility_table(results: dict[str, list[dict]], extra: dict[str, tuple[str, float]] | None = None) -> dict:
+    """Print utility (sampled and greedy, % over held-out prompts) per run name, and any `extra` columns
+    (label: ("section.key" of the result, scale)); return the numbers."""
+    extra = extra or {}
+    header = f"{'run':<28}{'sampled (T=1)':>22}{'greedy':>22}" + "".join(f"{h:>22}" for h in extra)
+    print(header)
+    numbers = {}
+    for name, rs in results.items():
+        row = {"sampled": [r["sampled"]["utility"] for r in rs], "greedy": [r["greedy"]["utility"] for r in rs]}
+        for label, (path, _) in extra.items():
+            section, key = path.split(".")
+            row[label] = [r[section][key] for r in rs]
+        numbers[name] = row
+        print(f"{name:<28}{spread(row['sampled']):>22}{spread(row['greedy']):>22}" +
+              "".join(f"{spread(row[label], scale):>22}" for label, (_, scale) in extra.items()))
+    return numbers
+
+
+def pyplot():
+    """matplotlib's pyplot, or None (with a note) when it is not installed: figures are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no figure, the numbers are in the JSON")
+        return None
+    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def save_figure(lab: Lab, fig) -> None:
+    path = os.path.join(lab.dir, f"{lab.lesson}.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"figure: {path}")
+
+
+def bars(ax, numbers: dict, names: list[str], key: str = "sampled") -> None:
+    """Mean utility per run with min-max whiskers over seeds."""
+    means = [100 * np.mean(numbers[n][key]) for n in names]
+    low = [m - 100 * min(numbers[n][key]) for m, n in zip(means, names)]
+    high = [100 * max(numbers[n][key]) - m for m, n in zip(means, names)]
+    ax.bar(names, means, yerr=[low, high], capsize=4, color="#8fb3d9", edgecolor="#33557a")
+    ax.set_ylabel(f"held-out utility, {key} (%)")
+    ax.set_ylim(0, 100)
+
+
+def over_training(lab: Lab, name: str, groups: tuple[str, ...], key: str) -> np.ndarray:
+    """Per iteration, groups' `key` (weighted by their counts), mean over seeds; NaN where none is present."""
+    per_seed = []
+    for seed in lab.seeds:
+        values = []
+        for row in lab.metrics(name, seed):
+            present = [row["groups"][g] for g in groups if g in row.get("groups", {})]
+            n = sum(g["n"] for g in present)
+            values.append(sum(g["n"] * g[key] for g in present) / n if n else np.nan)
+        per_seed.append(values)
+    values = np.array(per_seed)
+    present = (~np.isnan(values)).sum(axis=0)
+    return np.where(present > 0, np.nansum(values, axis=0) / np.maximum(present, 1), np.nan)
+
+
+def smooth(y: np.ndarray, window: int = 10) -> np.ndarray:
+    """Running mean over `window` iterations, ignoring NaN."""
+    ok = ~np.isnan(y)
+    kernel = np.ones(window)
+    return np.convolve(np.where(ok, y, 0), kernel, mode="same") / np.maximum(np.convolve(ok, kernel, mode="same"), 1)
+
+
+# ----------------------------------------------------------------------------- the lessons
+
+def lesson_value(lab: Lab) -> None:
+    """Prop. 4.1, no training: value and gradient weight against the reward's distance from the reference
+    point, computed by kto.kto_loss and kto.dpo_loss themselves on a grid of log-ratios."""
+    x = np.linspace(-100, 100, 801)  # r - z_ref (KTO) or the margin h (DPO), nats
+    zero = torch.zeros(1, dtype=torch.float64)
+    numbers = {"x": x.tolist(), "kto": {}, "dpo": {}}
+    print("where each loss learns: gradient weight above 10% of its largest, for r - z_ref (KTO) or the margin h (DPO)")
+    print(f"{'beta':<8}{'KTO (nats)':>20}{'DPO (nats)':>20}")
+    for beta in (0.05, 0.1, 0.5):
+        curves = {"value_desirable": [], "value_undesirable": [], "weight": [], "saturated": []}
+        dpo_curves = {"value": [], "weight": [], "saturated": []}
+        for xi in x:
+            logp = torch.tensor([xi], dtype=torch.float64)
+            for desirable in (True, False):  # one example, z_ref = 0 (KL pairs with equal log-probs)
+                loss, stats = kto.kto_loss(logp, zero, zero, zero, torch.tensor([desirable]), beta)
+                curves["value_desirable" if desirable else "value_undesirable"].append(1 - loss.item())
+            curves["weight"].append(stats["weight"].item() / (beta / 4))  # of the peak, lambda beta / 4
+            curves["saturated"].append(bool(stats["saturated"]))
+            loss, stats = kto.dpo_loss(logp, zero, zero, zero, beta)
+            dpo_curves["value"].append(-loss.item())  # DPO's implied value: log sigmoid(beta h)
+            dpo_curves["weight"].append(stats["weight"].item() / beta)  # of its supremum, beta
+            dpo_curves["saturated"].append(bool(stats["saturated"]))
+        numbers["kto"][beta], numbers["dpo"][beta] = curves, dpo_curves
+        windows = []
+        for c in (curves, dpo_curves):
+            live = x[~np.array(c["saturated"])]
+            windows.append(f"{'-inf' if live.min() == x.min() else f'{live.min():+.1f}'} to {live.max():+.1f}")
+        print(f"{beta:<8}{windows[0]:>20}{windows[1]:>20}")
+    print("SFT: every example, weight 1, whatever its likelihood")
+    lab.save(numbers)
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(14, 3.8))
+    colors = {0.05: "#1f77b4", 0.1: "#2ca02c", 0.5: "#d62728"}
+    for beta, c in numbers["kto"].items():
+        left.plot(x, c["value_desirable"], color=colors[beta], label=f"desirable, beta={beta}")
+        left.plot(x, c["value_undesirable"], color=colors[beta], ls=":", label=f"undesirable, beta={beta}")
+        mid.plot(x, numbers["dpo"][beta]["value"], color=colors[beta], ls="--", label=f"beta={beta}")
+        right.plot(x, c["weight"], color=colors[beta], label=f"KTO, beta={beta}")
+        right.plot(x, numbers["dpo"][beta]["weight"], color=colors[beta], ls="--", label=f"DPO, beta={beta}")
+    right.axhline(1.0, color="black", lw=1, label="SFT (constant)")
+    right.axhline(0.1, color="gray", lw=0.8, ls=":", label="saturated below 10%")
+    left.set(xlabel="r - z_ref (nats)", ylabel="value v", title="KTO's value (eq. 7): flat at both ends")
+    mid.set(xlabel="margin h (nats)", ylabel="log sigmoid(beta h)", title="DPO's implied value: steep for wrong pairs",
+            ylim=(-12, 0.5))
+    right.set(xlabel="r - z_ref (KTO) or margin h (DPO), nats", ylabel="gradient weight / its largest",
+              title="Prop. 4.1: where each loss stops learning")
+    for ax in (left, mid, right):
+        ax.legend(fontsize=6.5)
+    save_figure(lab, fig)
+
+
+def lesson_dpo(lab: Lab) -> None:
+    """SFT vs SFT+DPO vs SFT+KTO on the same pairs (the paper: KTO matches or beats DPO)."""
+    results = lab.runs([("SFT", {"loss": "none"}), ("SFT+DPO", {"loss": "dpo"}), ("SFT+KTO", {"loss": "kto"})])
+    numbers = utility_table(results)
+    lab.save(numbers)
+    plt = pyplot()
+    if plt:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+        for ax, key in zip(axes, ("sampled", "greedy")):
+            bars(ax, numbers, list(numbers), key)
+        save_figure(lab, fig)
+
+
+def lesson_saturation(lab: Lab) -> None:
+    """One KTO run: the saturated share and mean weight by class over training, and the weights of every
+    training example at the start, middle and end (Prop. 4.1: KTO stops learning from what it already
+    rates far from z_ref, on either side)."""
+    results = lab.runs([("KTO", {"loss": "kto"})])
+    numbers = {"utility": utility_table(results), "over_training": {}, "weights": {}}
+    stops = list(results["KTO"][0]["weights"])
+    print(f"\nsaturated training examples (%), all {len(lab.seeds)} seed(s)")
+    print(f"{'class':<14}" + "".join(f"{'iteration ' + s:>20}" for s in stops))
+    for group in ("desirable", "undesirable"):
+        numbers["over_training"][group] = {key: over_training(lab, "KTO", (group,), key).tolist()
+                                           for key in ("saturated", "grad_weight")}
+        shares = {}
+        for stop in stops:
+            shares[stop] = [np.mean([s for s, g in zip(r["weights"][stop]["saturated"], r["weights"][stop]["group"])
+                                     if g == group]) for r in results["KTO"]]
+        numbers["weights"][group] = shares
+        print(f"{group:<14}" + "".join(f"{spread(shares[s]):>20}" for s in stops))
+    lab.save(numbers)
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2 + len(stops), figsize=(4 * (2 + len(stops)), 3.4))
+    colors = {"desirable": "#2ca02c", "undesirable": "#d62728"}
+    first = results["KTO"][0]
+    for group, color in colors.items():
+        o = numbers["over_training"][group]
+        axes[0].plot(np.arange(1, len(o["saturated"]) + 1), 100 * smooth(np.array(o["saturated"])), color=color, label=group)
+        axes[1].plot(np.arange(1, len(o["grad_weight"]) + 1), smooth(np.array(o["grad_weight"])), color=color, label=group)
+        for ax, stop in zip(axes[2:], stops):
+            w = first["weights"][stop]
+            ax.hist([x for x, g in zip(w["z"], w["group"]) if g == group], bins=40, range=(-12, 12), color=color,
+                    alpha=0.6, label=group)
+    axes[0].set(xlabel="KTO iteration", ylabel="saturated (%)", title="share saturated, per batch")
+    axes[1].set(xlabel="KTO iteration", ylabel="mean weight", title="mean weight lambda beta v (1 - v)")
+    for ax, stop in zip(axes[2:], stops):
+        for z in (-3.64, 3.64):  # beyond |z| = 3.64 the weight is below 10% of its peak
+            ax.axvline(z, color="gray", lw=0.8, ls=":")
+        ax.set(xlabel="z = beta (r - z_ref)", ylabel="training examples", title=f"iteration {stop} (seed {lab.seeds[0]})")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    save_figure(lab, fig)
+
+
+def lesson_noise(lab: Lab) -> None:
+    """KTO vs DPO with 0-30% of labels flipped; do flipped examples saturate (and so get ignored)?"""
+    levels = (0.0, 0.1, 0.2, 0.3)
+    plan = [(f"{loss.upper()} noise {level}", {"loss": loss, "label_noise": level}) for level in levels for loss in ("kto", "dpo")]
+    results = lab.runs(plan)
+    numbers = {"utility": utility_table(results), "weights": {}}
+    print("\nmean gradient weight over training, as a share of the loss's largest (KTO beta/4, DPO beta)")
+    print(f"{'run':<22}{'clean':>10}{'flipped':>10}{'flipped / clean':>18}")
+    for level in levels[1:]:
+        for loss, peak, clean in (("KTO", lab.base.beta / 4, ("desirable", "undesirable")), ("DPO", lab.base.beta, ("pairs",))):
+            name = f"{loss} noise {level}"
+            w = {"clean": over_training(lab, name, clean, "grad_weight") / peak,
+                 "flipped": over_training(lab, name, ("flipped",), "grad_weight") / peak}
+            numbers["weights"][name] = {k: v.tolist() for k, v in w.items()}
+            c, f = np.nanmean(w["clean"]), np.nanmean(w["flipped"])
+            print(f"{name:<22}{c:>10.3f}{f:>10.3f}{f / c:>18.2f}")
+    lab.save(numbers)
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for loss, color in (("KTO", "#2ca02c"), ("DPO", "#1f77b4")):
+        u = [numbers["utility"][f"{loss} noise {level}"]["sampled"] for level in levels]
+        left.errorbar([100 * lv for lv in levels], [100 * np.mean(v) for v in u],
+                      yerr=[[100 * (np.mean(v) - min(v)) for v in u], [100 * (max(v) - np.mean(v)) for v in u]],
+                      color=color, marker="o", capsize=3, label=loss)
+        w = numbers["weights"][f"{loss} noise 0.3"]
+        right.plot(smooth(np.array(w["clean"])), color=color, label=f"{loss} clean")
+        right.plot(smooth(np.array(w["flipped"])), color=color, ls="--", label=f"{loss} flipped")
+    left.set(xlabel="labels flipped (%)", ylabel="held-out utility, sampled (%)", title="utility under label noise", ylim=(0, 100))
+    right.set(xlabel="iteration", ylabel="mean weight / its largest", title="30% flipped: weight of flipped vs clean")
+    left.legend()
+    right.legend()
+    save_figure(lab, fig)
+
+
+def lesson_imbalance(lab: Lab) -> None:
+    """90% of the desirable examples dropped (1:10): lambda_D = 1 against the paper's advised lambda_D."""
+    results = lab.runs([("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
+                        ("KTO 1:10, lambda_d=1", {"loss": "kto", "desirable_fraction": 0.1, "lambda_d": 1.0}),
+                        ("KTO 1:10, advised", {"loss": "kto", "desirable_fraction": 0.1})])
+    advised = ", ".join(f"{r['lambda_d']:.2f}" for r in results["KTO 1:10, advised"])
+    print(f"lambda_d advised at 1:10, per seed: {advised}")
+    numbers = utility_table(results)
+    lab.save(numbers)
+    plt = pyplot()
+    if plt:
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        bars(ax, numbers, list(numbers))
+        ax.tick_params(axis="x", labelsize=7)
+        save_figure(lab, fig)
+
+
+def lesson_one_y_per_x(lab: Lab) -> None:
+    """One completion per prompt (half of the pairs' completions) against all of them."""
+    results = lab.runs([("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
+                        ("KTO, one y per x", {"loss": "kto", "one_y_per_x": True})])
+    numbers = utility_table(results)
+    lab.save(numbers)
+    plt = pyplot()
+    if plt:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        bars(ax, numbers, list(numbers))
+        save_figure(lab, fig)
+
+
+def lesson_no_sft(lab: Lab) -> None:
+    """KTO and DPO from a random init, no SFT: utility, completion length and how often it ends (EOT)."""
+    scratch = {"init_from": "scratch", "eval_tokens": 16, "max_iters": 800, "lr": 3e-3}  # a random start needs more
+    results = lab.runs([("SFT from scratch", {"loss": "sft", **scratch}), ("DPO from scratch", {"loss": "dpo", **scratch}),
+                        ("KTO from scratch", {"loss": "kto", **scratch})])
+    numbers = utility_table(results, extra={"length (tokens)": ("sampled.length", 1), "ends with EOT (%)": ("sampled.eot", 100)})
+    lab.save(numbers)
+    plt = pyplot()
+    if plt:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+        bars(left, numbers, list(numbers))
+        means = [np.mean(numbers[n]["length (tokens)"]) for n in numbers]
+        right.bar(list(numbers), means, color="#d9a38f", edgecolor="#7a3f33")
+        right.set(ylabel="mean sampled completion length (tokens, of 16)")
+        for ax in (left, right):
+            ax.tick_params(axis="x", labelsize=7)
+        save_figure(lab, fig)
+
+
+def lesson_beta(lab: Lab) -> None:
+    """A beta sweep: larger beta saturates more examples sooner; what does that do to utility?"""
+    betas = (0.02, 0.1, 0.5, 2.0)
+    results = lab.runs([(f"KTO beta={b}", {"loss": "kto", "beta": b}) for b in betas])
+    numbers = {"utility": utility_table(results), "saturated": {}}
+    print(f"\n{'run':<16}{'saturated, mean over training (%)':>36}")
+    for b in betas:
+        name = f"KTO beta={b}"
+        sat = [np.mean([r["saturated"] for r in lab.metrics(name, s)]) for s in lab.seeds]
+        numbers["saturated"][name] = sat
+        print(f"{name:<16}{spread(sat):>36}")
+    lab.save(numbers)
+    plt = pyplot()
+    if plt:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for b in betas:
+            name = f"KTO beta={b}"
+            ax.scatter([100 * s for s in numbers["saturated"][name]], [100 * u for u in numbers["utility"][name]["sampled"]],
+                       label=f"beta={b}")
+        ax.set(xlabel="saturated examples, mean over training (%)", ylabel="held-out utility, sampled (%)", ylim=(0, 100))
+        ax.legend()
+        save_figure(lab, fig)
+
+
+def lesson_contradict(lab: Lab) -> None:
+    """30% of the pairs also come from a second annotator with the opposite preference (Theorem 4.3)."""
+    results = lab.runs([("KTO", {"loss": "kto"}), ("DPO", {"loss": "dpo"}),
+                        ("KTO, 30% contradicted", {"loss": "kto", "contradict": 0.3}),
+                        ("DPO, 30% contradicted", {"loss": "dpo", "contradict": 0.3})])
+    numbers = utility_table(results)
+    print(f"\ngreedy utility on the training prompts (%)\n{'run':<28}{'contradicted prompts':>24}{'other prompts':>18}")
+    for name in ("KTO, 30% contradicted", "DPO, 30% contradicted"):
+        c = [r["greedy_contradicted_prompts"]["utility"] for r in results[name]]
+        o = [r["greedy_clean_prompts"]["utility"] for r in results[name]]
+        numbers[name].update(contradicted_prompts=c, other_prompts=o)
+        print(f"{name:<28}{spread(c):>24}{spread(o):>18}")
+    lab.save(numbers)
+    plt = pyplot()
+    if plt:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+        bars(left, numbers, list(numbers))
+        left.tick_params(axis="x", labelsize=6.5)
+        for name, color in (("KTO, 30% contradicted", "#2ca02c"), ("DPO, 30% contradicted", "#1f77b4")):
+            clean = ("desirable", "undesirable") if name.startswith("KTO") else ("pairs",)
+            for groups, ls, label in ((("contradicted",), "--", "contradicted"), (clean, "-", "clean")):
+                width = over_training(lab, name, groups, "z_q90") - over_training(lab, name, groups, "z_q10")
+                right.plot(smooth(width), color=color, ls=ls, label=f"{name.split(',')[0]} {label}")
+        right.set(xlabel="iteration", ylabel="z, 90% quantile minus 10% (in the batch)",
+                  title="how far training moves the examples' z")
+        right.legend(fontsize=7)
+        save_figure(lab, fig)
+
+
+LESSONS = {"value": lesson_value, "dpo": lesson_dpo, "saturation": lesson_saturation, "noise": lesson_noise,
+           "imbalance": lesson_imbalance, "one-y-per-x": lesson_one_y_per_x, "no-sft": lesson_no_sft,
+           "beta": lesson_beta, "contradict": lesson_contradict}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] not in LESSONS:
+        raise SystemExit(f"usage: python experiments.py LESSON [--seeds=3] [--key=value ...]; LESSON is one of {', '.join(LESSONS)}")
+    lesson, seeds, overrides = args[0], 3, []
+    for arg in args[1:]:
+        if arg.startswith("--seeds="):
+            seeds = int(arg.partition("=")[2])
+        else:
+            overrides.append(arg)
+    base = train.parse_config([f"--{k}={v}" for k, v in LESSON_DEFAULTS.items()] + overrides)
+    _, _, device = train.setup_distributed(base)
+    print(f"lesson {lesson}: seeds {', '.join(map(str, SEEDS[:seeds]))}; device {device}, torch {torch.__version__}")
+    try:
+        LESSONS[lesson](Lab(lesson, base, seeds, device))
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
