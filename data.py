@@ -5,10 +5,13 @@ needs no pairs; a preference pair (x, y_w, y_l) is simply two examples. DPO need
 """
 import collections
 import functools
+import gzip
+import hashlib
 import json
 import os
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,6 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
+from tqdm import tqdm
 
 # GPT-2's BPE ranks, shipped in the repo (byte-identical to tiktoken's r50k_base) so nothing is
 # downloaded at run time.
@@ -73,82 +77,237 @@ class PairTokens(NamedTuple):
     tag: str = "clean"
 
 
-# ----------------------------------------------------------------------------- JSONL files
+# ----------------------------------------------------------------------------- data files
+# A .jsonl or .jsonl.gz file, one JSON object per line, in any of these shapes, recognised row by row:
+#   unpaired        {"prompt": str, "completion": str, "label": bool}
+#   paired          {"prompt": str, "chosen": str, "rejected": str}
+#   HH-RLHF         {"chosen": str, "rejected": str}: whole transcripts "\n\nHuman: ...\n\nAssistant: ..."; the
+#                   prompt is the shared transcript up to and including the last "\n\nAssistant:"
+#   conversational  the fields above as lists of {"role", "content"} messages (TRL's shapes); chosen and
+#                   rejected may repeat the prompt's turns (UltraFeedback-binarized) or, without a prompt,
+#                   share them (the prompt is their common start)
+# Messages are rendered as HH-RLHF writes them, "\n\nHuman: ..." (system: "System", user: "Human",
+# assistant: "Assistant"); the prompt ends with "\n\nAssistant:" and the completion is " " + the reply.
+# The first row decides between examples (unpaired) and pairs; every row must then give the same.
 
 LABEL_EXPECTED = "a JSON boolean (true = desirable, false = undesirable)"
-TEXT_FIELDS = {"unpaired": ("prompt", "completion"), "paired": ("prompt", "chosen", "rejected")}
+ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+ASSISTANT = "\n\nAssistant:"
 
 
-def read_jsonl(path: str) -> list[Example] | list[Pair]:
-    """Read a JSONL file of one shape, recognised from its first row:
+def _text(obj: dict, field: str, where: str) -> str:
+    if field not in obj:
+        raise DataError(f"{where}: field '{field}' is missing; expected a non-empty string or a list of messages")
+    if not isinstance(obj[field], str) or not obj[field]:
+        raise DataError(f"{where}: field '{field}': expected a non-empty string, got {json.dumps(obj[field])[:80]}")
+    return obj[field]
 
-    unpaired  {"prompt": str, "completion": str, "label": bool}  -> Examples
-    paired    {"prompt": str, "chosen": str, "rejected": str}    -> Pairs
-    Other fields are ignored and blank lines skipped; anything else raises DataError.
-    """
-    units, shape = [], None
+
+def _messages(value, field: str, where: str) -> list[dict]:
+    """A list of {"role": system|user|assistant, "content": str} messages, checked."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{field}': expected a non-empty list of messages, got {json.dumps(value)[:80]}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(f"{where}: field '{field}', message {i}: expected a role of {', '.join(ROLES)}, "
+                            f"got {json.dumps(m.get('role') if isinstance(m, dict) else m)[:80]}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field '{field}', message {i}: expected a string 'content', "
+                            f"got {json.dumps(m.get('content'))[:80]}")
+    return value
+
+
+def render(messages: list[dict]) -> str:
+    """The plain-text chat template: each message as "\n\n{Role}: {content}"."""
+    return "".join(f"\n\n{ROLES[m['role']]}: {m['content']}" for m in messages)
+
+
+def _reply(messages: list[dict], prompt: list[dict], field: str, where: str) -> str:
+    """The completion of a conversational field: one assistant message, after the prompt's turns if repeated."""
+    if messages[:len(prompt)] == prompt:
+        messages = messages[len(prompt):]
+    if len(messages) != 1 or messages[0]["role"] != "assistant" or not messages[0]["content"]:
+        raise DataError(f"{where}: field '{field}': expected one non-empty assistant reply after the prompt's messages, "
+                        f"got {json.dumps(messages)[:80]}")
+    return " " + messages[0]["content"]
+
+
+def _prompt(value, where: str) -> list[dict]:
+    """A conversational prompt: a list of messages, or a string taken as one user message."""
+    if isinstance(value, str) and value:
+        return [{"role": "user", "content": value}]
+    return _messages(value, "prompt", where)
+
+
+def parse_row(obj, where: str) -> Example | Pair | str:
+    """One row as an Example or a Pair, or the reason it is dropped (a str); DataError if malformed."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "completion" in obj or "label" in obj:
+        if "label" not in obj:
+            raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}")
+        # An identity test against True would silently treat labels written as 1 or "true" as undesirable.
+        if not isinstance(obj["label"], bool):
+            raise DataError(f"{where}: field 'label': expected {LABEL_EXPECTED}, got {json.dumps(obj['label'])}")
+        if isinstance(obj.get("completion"), list) or isinstance(obj.get("prompt"), list):
+            prompt = _prompt(obj.get("prompt"), where)
+            completion = _reply(_messages(obj.get("completion"), "completion", where), prompt, "completion", where)
+            return Example(render(prompt) + ASSISTANT, completion, obj["label"], where)
+        return Example(_text(obj, "prompt", where), _text(obj, "completion", where), obj["label"], where)
+    if "chosen" not in obj and "rejected" not in obj:
+        raise DataError(f"{where}: expected fields prompt, completion, label (unpaired) or chosen, rejected "
+                        f"(paired, with or without prompt); got {', '.join(obj) or 'none'}")
+    if isinstance(obj.get("chosen"), list) or isinstance(obj.get("rejected"), list):
+        chosen, rejected = (_messages(obj.get(f), f, where) for f in ("chosen", "rejected"))
+        if "prompt" in obj:
+            prompt = _prompt(obj["prompt"], where)
+        else:  # the implicit prompt: the turns chosen and rejected share before their replies
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            prompt = chosen[:n]
+            if not prompt:
+                raise DataError(f"{where}: fields 'chosen' and 'rejected' share no prompt turns and there is no 'prompt'")
+        pair = Pair(render(prompt) + ASSISTANT, _reply(chosen, prompt, "chosen", where),
+                    _reply(rejected, prompt, "rejected", where), where)
+    elif "prompt" in obj:
+        pair = Pair(_text(obj, "prompt", where), _text(obj, "chosen", where), _text(obj, "rejected", where), where)
+    else:  # HH-RLHF: two transcripts that differ in their last reply
+        chosen, rejected = _text(obj, "chosen", where), _text(obj, "rejected", where)
+        i, j = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+        if i < 0 or j < 0:
+            raise DataError(f"{where}: field '{'chosen' if i < 0 else 'rejected'}': expected an HH-RLHF transcript "
+                            f"with '\\n\\nAssistant:' turns")
+        prompt = chosen[:i + len(ASSISTANT)]
+        if rejected[:j + len(ASSISTANT)] != prompt:
+            return "HH-RLHF transcripts that differ before their last reply"
+        pair = Pair(prompt, chosen[i + len(ASSISTANT):], rejected[j + len(ASSISTANT):], where)
+        if not pair.chosen.strip() or not pair.rejected.strip():
+            return "an empty last reply"
+    return "chosen identical to rejected" if pair.chosen == pair.rejected else pair
+
+
+def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Counter]:
+    """Read a .jsonl or .jsonl.gz file (shapes above). Returns the examples or pairs and the rows
+    dropped, by reason. Blank lines are skipped; anything malformed raises DataError naming file, line and field."""
+    units, dropped = [], collections.Counter()
     try:
-        f = open(path, "rb")
+        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with fields prompt, completion, label "
-                                f"or prompt, chosen, rejected; got {type(obj).__name__}")
-            if shape is None:
-                shape = "paired" if "chosen" in obj or "rejected" in obj else "unpaired"
-            for field in TEXT_FIELDS[shape]:
-                if field not in obj:
-                    raise DataError(f"{where}: field '{field}' is missing; expected a non-empty string "
-                                    f"(the file's first row made it {shape})")
-                if not isinstance(obj[field], str) or not obj[field]:
-                    raise DataError(f"{where}: field '{field}': expected a non-empty string, got {json.dumps(obj[field])}")
-            if shape == "paired":
-                units.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"], where))
-                continue
-            if "label" not in obj:
-                raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}")
-            # An identity test against True would silently treat labels written as 1 or "true" as undesirable.
-            if not isinstance(obj["label"], bool):
-                raise DataError(f"{where}: field 'label': expected {LABEL_EXPECTED}, got {json.dumps(obj['label'])}")
-            units.append(Example(obj["prompt"], obj["completion"], obj["label"], where))
+    try:
+        with f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                unit = parse_row(obj, where)
+                if isinstance(unit, str):
+                    dropped[unit] += 1
+                    continue
+                if units and type(unit) is not type(units[0]):
+                    first, this = ("unpaired", "paired") if isinstance(units[0], Example) else ("paired", "unpaired")
+                    raise DataError(f"{where}: {'an' if this == 'unpaired' else 'a'} {this} row in a file whose first row "
+                                    f"({units[0].where}) is {first}; expected every row {first}")
+                units.append(unit)
+    except (OSError, EOFError, zlib.error) as e:  # gzip: a truncated or corrupt file
+        raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from None
     if not units:
-        raise DataError(f"{path}: no examples")
-    return units
+        raise DataError(f"{path}: no examples" + (f" ({sum(dropped.values())} rows dropped)" if dropped else ""))
+    return units, dropped
 
 
-def tokenize(units: list[Example] | list[Pair], block_size: int) -> list[Tokens] | list[PairTokens]:
-    """BPE-encode examples or pairs; EOT ends each completion. A completion that cannot fit is an error."""
+def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool = False
+             ) -> tuple[list[Tokens] | list[PairTokens], int]:
+    """BPE-encode examples or pairs; EOT ends each completion. Returns the tokenized units and how many were
+    dropped because a completion with its EOT cannot fit block_size even after the prompt loses tokens
+    from the left (at least one prompt token must precede it to predict its first token)."""
     enc = get_tokenizer()
+    paired = bool(units) and isinstance(units[0], Pair)
+    fields = ("prompt", "chosen", "rejected") if paired else ("prompt", "completion")
+    out, dropped, chunk = [], 0, 4096
+    for start in tqdm(range(0, len(units), chunk), desc="tokenizing", unit_scale=chunk, disable=not progress,
+                      dynamic_ncols=True):
+        part = units[start:start + chunk]
+        ids = {f: enc.encode_ordinary_batch([getattr(u, f) for u in part]) for f in fields}
+        for i, u in enumerate(part):
+            completions = [ids[f][i] + [EOT] for f in fields[1:]]
+            if max(len(c) for c in completions) > block_size:
+                dropped += 1
+            elif paired:
+                out.append(PairTokens(ids["prompt"][i], *completions))
+            else:
+                out.append(Tokens(ids["prompt"][i], completions[0], u.desirable))
+    return out, dropped
 
-    def completion(text: str, where: str, field: str) -> list[int]:
-        ids = enc.encode_ordinary(text) + [EOT]
-        # At least one prompt token must precede the completion to predict its first token.
-        if len(ids) > block_size:
-            raise DataError(f"{where}: field '{field}': {len(ids)} tokens with EOT do not fit "
-                            f"block_size {block_size} after at least one prompt token; expected at most {block_size}")
-        return ids
 
-    out = []
-    for u in units:
-        prompt = enc.encode_ordinary(u.prompt)
-        if isinstance(u, Pair):
-            out.append(PairTokens(prompt, completion(u.chosen, u.where, "chosen"), completion(u.rejected, u.where, "rejected")))
+CACHE_VERSION = 1  # raise when the cache's layout changes
+
+
+def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[Tokens] | list[PairTokens], list[str]]:
+    """Read and tokenize a data file, through a cache of numpy arrays beside it (nanoGPT's habit) that
+    a changed file, tokenizer or block_size invalidates. Returns the units and the report of what was dropped."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    digest.update(f"{VOCAB_SHA256} {GPT2_PATTERN} {block_size} {CACHE_VERSION}".encode())
+    cache = os.path.join(os.path.dirname(os.path.abspath(path)), ".kto_cache",
+                         f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.npz")
+    if os.path.exists(cache):
+        units, dropped = _read_cache(cache)
+    else:
+        rows, dropped = read_jsonl(path)
+        units, too_long = tokenize(rows, block_size, progress)
+        if too_long:
+            dropped[f"a completion longer than block_size={block_size} tokens with EOT"] = too_long
+        if not units:
+            raise DataError(f"{path}: no example fits block_size={block_size}")
+        _write_cache(cache, units, dropped)
+    report = [f"{path}: dropped {n} rows: {reason}" for reason, n in sorted(dropped.items())]
+    return units, report
+
+
+def _write_cache(path: str, units: list[Tokens] | list[PairTokens], dropped: collections.Counter) -> None:
+    """Sequences concatenated in one int32 array with their lengths; written to a temporary file, then
+    renamed. A directory we cannot write to only costs the cache."""
+    paired = isinstance(units[0], PairTokens)
+    seqs = [s for u in units for s in (u[:3] if paired else u[:2])]
+    arrays = {"tokens": np.fromiter((t for s in seqs for t in s), dtype=np.int32),
+              "lengths": np.array([len(s) for s in seqs], dtype=np.int64),
+              "desirable": np.array([False if paired else u.desirable for u in units]),
+              "paired": np.array(paired), "dropped": np.array(json.dumps(dropped))}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _read_cache(path: str) -> tuple[list[Tokens] | list[PairTokens], collections.Counter]:
+    with np.load(path) as z:
+        paired, width = bool(z["paired"]), 3 if bool(z["paired"]) else 2
+        seqs = np.split(z["tokens"], np.cumsum(z["lengths"])[:-1])
+        seqs = [s.tolist() for s in seqs]
+        if paired:
+            units = [PairTokens(*seqs[i:i + 3]) for i in range(0, len(seqs), 3)]
         else:
-            out.append(Tokens(prompt, completion(u.completion, u.where, "completion"), u.desirable))
-    return out
+            units = [Tokens(seqs[i], seqs[i + 1], bool(d)) for i, d in zip(range(0, len(seqs), width), z["desirable"])]
+        return units, collections.Counter(json.loads(str(z["dropped"])))
 
 
 # ----------------------------------------------------------------------------- the built-in task
@@ -287,6 +446,14 @@ def keep_desirable(examples: list[Tokens], fraction: float, seed: int) -> list[T
     desirable = [i for i, ex in enumerate(examples) if ex.desirable]
     keep = {desirable[i] for i in _picked(len(desirable), fraction, _rng(seed, "desirable_fraction"))}
     return [ex for i, ex in enumerate(examples) if not ex.desirable or i in keep]
+
+
+def split_by_prompt(units: Units, fraction: float, seed: int) -> tuple[Units, Units]:
+    """eval_fraction: hold out a seeded `fraction` of the prompts with all their examples (or pairs).
+    Returns (kept, held out)."""
+    prompts = sorted({tuple(u.prompt) for u in units})
+    held = {prompts[i] for i in _picked(len(prompts), fraction, _rng(seed, "eval_fraction"))}
+    return [u for u in units if tuple(u.prompt) not in held], [u for u in units if tuple(u.prompt) in held]
 
 
 def describe(units: Units) -> str:

@@ -52,7 +52,7 @@ class Lab:
         os.makedirs(out_dir, exist_ok=True)
         sft_cfg = train.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
         _, d = train.prepare(sft_cfg, 1)
-        train.train_stage(sft_cfg, "sft", "sft", None, cfg.sft_iters, cfg.sft_lr, d.sft, 0, 1, self.device, progress=False)
+        train.train_stage(sft_cfg, "sft", "sft", None, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
         return os.path.join(out_dir, "sft.pt")
 
     def run(self, name: str, seed: int, **overrides) -> dict:
@@ -78,7 +78,7 @@ class Lab:
             # The saturation lesson stops at the start, the middle and the end to weigh every training example.
             stops = (0, cfg.max_iters // 2, cfg.max_iters) if self.lesson == "saturation" else (cfg.max_iters,)
             for stop in stops:
-                model = train.train_stage(cfg, cfg.loss, cfg.loss, init, stop, cfg.lr, d.main, 0, 1, self.device,
+                model = train.train_stage(cfg, cfg.loss, cfg.loss, init, stop, "lr", d.main, 0, 1, self.device,
                                           progress=False)
                 if len(stops) > 1:
                     result.setdefault("weights", {})[str(stop)] = weigh(model, cfg, d.main, init, self.device)

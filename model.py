@@ -1,9 +1,11 @@
 """A GPT-2 style language model, after nanoGPT.
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so that GPT-2
-checkpoints map onto it one to one.
+checkpoints map onto it one to one (`GPT.from_pretrained`).
 """
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +120,63 @@ class GPT(nn.Module):
         logps = logits.log_softmax(dim=-1).gather(1, targets[scored].unsqueeze(1)).squeeze(1)
         return torch.zeros(targets.shape, dtype=logps.dtype, device=logps.device).masked_scatter(scored, logps)
 
+    @classmethod
+    def from_pretrained(cls, path: str, dropout: float = 0.0) -> "GPT":
+        """Our GPT from a local Hugging Face GPT-2 checkpoint (gpt2 to gpt2-xl shapes).
+
+        path: a directory with config.json and model.safetensors or pytorch_model.bin, or one such file
+        (config.json beside it is read if present; otherwise the shape comes from the tensors, with
+        GPT-2's 64-wide heads). Names with or without the "transformer." prefix (save_pretrained's layout
+        and the hub's original one) are accepted; the attn.bias / attn.masked_bias buffers and a tied
+        lm_head are skipped; Conv1D weights, stored (in, out), are transposed. Anything that does not fit
+        raises ValueError naming the file and the first tensor that does not match.
+        """
+        weights, config_path = path, os.path.join(os.path.dirname(path), "config.json")
+        if os.path.isdir(path):
+            config_path = os.path.join(path, "config.json")
+            found = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")
+                     if os.path.exists(os.path.join(path, n))]
+            if not found:
+                raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+            weights = found[0]
+        state = read_safetensors(weights) if weights.endswith(".safetensors") else read_torch_weights(weights)
+        state = {name.removeprefix("transformer."): t for name, t in state.items()
+                 if not name.endswith((".attn.bias", ".attn.masked_bias"))}
+        head = state.pop("lm_head.weight", None)
+        if "wte.weight" not in state or "wpe.weight" not in state:
+            raise ValueError(f"{weights}: no 'wte.weight' and 'wpe.weight' tensors: not a GPT-2 checkpoint")
+        if head is not None and not torch.equal(head, state["wte.weight"]):
+            raise ValueError(f"{weights}: tensor 'lm_head.weight' differs from 'wte.weight'; expected GPT-2's tied head")
+        vocab_size, n_embd = state["wte.weight"].shape
+        shape = {"n_layer": 1 + max((int(n.split(".")[1]) for n in state if n.startswith("h.")), default=-1),
+                 "n_head": n_embd // 64, "n_embd": n_embd, "block_size": state["wpe.weight"].shape[0],
+                 "vocab_size": vocab_size}
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                hf = json.load(f)
+            shape = {"n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd"),
+                     "block_size": hf.get("n_positions", hf.get("n_ctx")), "vocab_size": hf.get("vocab_size")}
+            for key, expected in (("activation_function", ("gelu_new", "gelu_pytorch_tanh")), ("layer_norm_epsilon", (1e-5,))):
+                if hf.get(key, expected[0]) not in expected:
+                    raise ValueError(f"{config_path}: {key}={hf[key]!r}; expected {' or '.join(map(repr, expected))} as in GPT-2")
+        model = cls(GPTConfig(**shape, dropout=dropout, bias=True))
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = {name.removeprefix("transformer."): p for name, p in model.state_dict().items() if name != "lm_head.weight"}
+        for name in state:
+            if name not in ours:
+                raise ValueError(f"{weights}: unexpected tensor '{name}' for a GPT-2 of {shape['n_layer']} layers")
+        with torch.no_grad():
+            for name, param in ours.items():
+                if name not in state:
+                    raise ValueError(f"{weights}: tensor '{name}' is missing")
+                t = state[name].t() if name.endswith(conv1d) else state[name]
+                if t.shape != param.shape:
+                    raise ValueError(f"{weights}: tensor '{name}' has shape {list(state[name].shape)}; expected "
+                                     f"{list(param.shape)[::-1] if name.endswith(conv1d) else list(param.shape)} "
+                                     f"for {shape['n_layer']} layers of width {shape['n_embd']}")
+                param.copy_(t.float())
+        return model
+
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices and embeddings only, as in GPT-2 training."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -148,3 +207,42 @@ class GPT(nn.Module):
                 next_token = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """A .safetensors file: an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            tensors = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                f.seek(8 + n + start)
+                raw = bytearray(f.read(end - start))
+                if len(raw) != end - start:
+                    raise ValueError(f"tensor '{name}' is cut short")
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                tensors[name] = t.reshape(info["shape"])
+            return tensors
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_torch_weights(path: str) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin state dict, loaded without running pickled code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a checkpoint (torch.load: {type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{path}: not a checkpoint (not a state dict of tensors)")
+    return state

@@ -3,9 +3,10 @@
     python train.py                                      # the main job: SFT, then KTO, with a control
     python train.py configs/quick.json --max_iters=50    # a preset file, then overrides
     torchrun --standalone --nproc_per_node=2 train.py    # DDP: nccl on CUDA, gloo on CPU
+    python train.py --help                               # every setting, with its default
 
 The run is made of stages, each with its own checkpoint in out_dir:
-  sft      the starting point: SFT on every completion, labels ignored (when init_from="sft")
+  sft      the starting point: SFT on every completion, labels ignored (when init_from="sft"), from sft_init
   kto      the main loss (dpo or sft, and named so, when loss says), starting from that point; its frozen
            copy is the reference
   control  SFT continued from the same point for as many steps as kto, labels ignored
@@ -15,9 +16,11 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 import types
@@ -37,7 +40,8 @@ from model import GPT, GPTConfig
 @dataclass
 class TrainConfig:
     # data
-    data: str = "arithmetic"  # "arithmetic" (the built-in task) or a JSONL file (see data.read_jsonl)
+    data: str = "arithmetic"  # "arithmetic" (the built-in task) or a .jsonl / .jsonl.gz file (shapes: see data.py)
+    eval_fraction: float = 0.0  # of a file's prompts, held out (with all their examples) for the eval loss
     task_p_correct: float = 0.4  # built-in task: how often its demonstrator answers correctly
     task_heldout: float = 0.1  # built-in task: fraction of prompts kept for evaluation
     task_max_operand: int = 4  # built-in task: operands run from 0 to this
@@ -49,7 +53,7 @@ class TrainConfig:
     label_noise: float = 0.0  # fraction of labels flipped (pairs: chosen and rejected swapped)
     one_y_per_x: bool = False  # keep one completion per prompt
     desirable_fraction: float = 1.0  # keep this fraction of the desirable examples (the paper's 1:10 run: 0.1)
-    # model (ignored when starting from a checkpoint, which carries its own shape)
+    # model (ignored when starting from a checkpoint, which carries its own shape; dropout always applies)
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
@@ -58,7 +62,8 @@ class TrainConfig:
     bias: bool = True
     # stages
     loss: str = "kto"  # the main loss: "kto", "dpo" (on pairs, beside it) or "sft"
-    init_from: str = "sft"  # "sft" (train the SFT stage first), "scratch", or a checkpoint path
+    init_from: str = "sft"  # "sft" (train the SFT stage first), "scratch", or a checkpoint (ours or Hugging Face GPT-2)
+    sft_init: str = "scratch"  # where the SFT stage starts: "scratch" or a checkpoint (ours or Hugging Face GPT-2)
     sft_iters: int = 1500
     sft_lr: float = 3e-3  # learning rate of the SFT stage
     max_iters: int = 400  # iterations of the main loss (and of the control)
@@ -83,17 +88,30 @@ class TrainConfig:
     out_dir: str = "out"
     resume: bool = False  # continue each stage from its checkpoint in out_dir
     log_interval: int = 50
+    eval_interval: int = 200  # iterations between eval losses (with eval_fraction > 0)
     ckpt_interval: int = 200
     device: str = "auto"  # "auto", "cpu", "cuda"
 
 
-# Keys that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = {"resume", "max_iters", "control", "eval_samples", "log_interval",
-                     "ckpt_interval", "device"}
+def usage() -> str:
+    """--help: how to call, then every setting with its default and its comment in the source."""
+    comments = {}
+    with open(__file__) as f:
+        for line in f:
+            name, colon, rest = line.strip().partition(":")
+            if colon and name in TrainConfig.__dataclass_fields__ and "#" in rest:
+                comments[name] = rest.split("#", 1)[1].strip()
+    lines = [__doc__.strip(), "", "settings (--key=value, or keys of a JSON preset file):"]
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{f.name}={f.default}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
 
 
 def parse_config(args: list[str]) -> TrainConfig:
     """Defaults, then JSON preset files, then --key=value overrides, in the order given."""
+    if any(arg in ("-h", "--help") for arg in args):
+        print(usage())
+        raise SystemExit(0)
     cfg = TrainConfig()
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
@@ -146,7 +164,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise SystemExit(f"error: {key}={getattr(cfg, key)!r}: expected {expected}")
 
     for key in ("n_layer", "n_head", "n_embd", "block_size", "sft_iters", "max_iters", "batch_size",
-                "grad_accum", "eval_samples", "eval_tokens", "log_interval", "ckpt_interval", "task_demos"):
+                "grad_accum", "eval_samples", "eval_tokens", "log_interval", "eval_interval", "ckpt_interval", "task_demos"):
         require(getattr(cfg, key) >= 1, key, "an integer of at least 1")
     for key in ("seed", "warmup_iters", "task_max_operand"):
         require(getattr(cfg, key) >= 0, key, "a non-negative integer")
@@ -162,6 +180,13 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("contradict", "label_noise"):
         require(0 <= getattr(cfg, key) < 1, key, "a fraction in [0, 1)")
     require(0 < cfg.desirable_fraction <= 1, "desirable_fraction", "a fraction in (0, 1]")
+    require(0 <= cfg.eval_fraction < 1, "eval_fraction", "a fraction in [0, 1)")
+    require(cfg.eval_fraction == 0 or cfg.data != "arithmetic", "eval_fraction",
+            "0 with the built-in task, which holds out its own prompts (task_heldout)")
+    require(bool(cfg.out_dir), "out_dir", "a directory path")
+    require(bool(cfg.data), "data", "'arithmetic' or the path of a .jsonl or .jsonl.gz file")
+    require(bool(cfg.init_from), "init_from", "'sft', 'scratch' or a checkpoint path")
+    require(bool(cfg.sft_init), "sft_init", "'scratch' or a checkpoint path")
     require(0 < cfg.task_heldout < 1, "task_heldout", "a fraction strictly between 0 and 1")
     require(cfg.n_embd % cfg.n_head == 0, "n_embd", f"a multiple of n_head={cfg.n_head}")
     require(cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
@@ -195,12 +220,13 @@ class Data(NamedTuple):
     sft: list[data.Tokens]  # the SFT stage's: every completion as given, labels ignored
     main: data.Units  # the main loss's, after the data settings (pairs for DPO)
     control: list[data.Tokens]  # the control's: the main loss's completions
+    eval: data.Units  # held-out prompts' examples (pairs for DPO), for the eval loss
     heldout: list[str] | None  # the built-in task's evaluation prompts
-    report: list[str]  # what the data settings did, for the start of the run
+    report: list[str]  # what reading and the data settings did, for the start of the run
 
 
-def load_data(cfg: TrainConfig) -> Data:
-    """Read and tokenize the data, then apply the data settings in their config order."""
+def load_data(cfg: TrainConfig, progress: bool = False) -> Data:
+    """Read and tokenize the data, hold out eval prompts, then apply the data settings in their config order."""
     if cfg.data == "arithmetic":
         units, heldout = data.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand,
                                               cfg.task_demos)
@@ -213,11 +239,18 @@ def load_data(cfg: TrainConfig) -> Data:
         if cfg.task_demos > 1:
             report.append(f"built-in task: {cfg.task_demos} answers per prompt; {len(units)} prompts got a correct and a wrong "
                           f"one (a pair each), {n_prompts - len(units)} got only one kind (no pair)")
+        units, too_long = data.tokenize(units, cfg.block_size)
+        if too_long:
+            report.append(f"built-in task: dropped {too_long} examples longer than block_size={cfg.block_size}")
+        if not units:
+            raise data.DataError(f"built-in task: no example fits block_size={cfg.block_size}")
     else:
-        units, heldout, report = data.read_jsonl(cfg.data), None, []
-    units = data.tokenize(units, cfg.block_size)
+        (units, report), heldout = data.load_file(cfg.data, cfg.block_size, progress), None
     paired = isinstance(units[0], data.PairTokens)
     report.append(f"data: {data.describe(units)}")
+    units, held = data.split_by_prompt(units, cfg.eval_fraction, cfg.seed)
+    if held:
+        report.append(f"eval_fraction={cfg.eval_fraction}: {data.describe(held)} held out, by prompt")
     sft = data.split_pairs(units) if paired else units
 
     def setting(name: str, new: data.Units) -> data.Units:
@@ -230,19 +263,20 @@ def load_data(cfg: TrainConfig) -> Data:
         units = setting(f"label_noise={cfg.label_noise}", data.flip_labels(units, cfg.label_noise, cfg.seed))
     if cfg.loss == "dpo" and not paired:
         units, unused = data.pair_up(units)
+        held = data.pair_up(held)[0]
         setting("DPO", units)
         report[-1] += f"; {unused} examples without a partner of the other label are not used"
         if not units:
             raise data.DataError(f"{cfg.data}: no prompt has both a desirable and an undesirable example; DPO needs pairs")
     elif cfg.loss != "dpo" and paired:
-        units = setting("pairs split", data.split_pairs(units))
+        units, held = setting("pairs split", data.split_pairs(units)), data.split_pairs(held)
     if cfg.one_y_per_x:
         units = setting("one_y_per_x", data.one_per_prompt(units, cfg.seed))
     if cfg.desirable_fraction < 1:
         units = setting(f"desirable_fraction={cfg.desirable_fraction}",
                         data.keep_desirable(units, cfg.desirable_fraction, cfg.seed))
     control = data.split_pairs(units) if cfg.loss == "dpo" else units
-    return Data(sft, units, control, heldout, report)
+    return Data(sft, units, control, held, heldout, report)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -255,28 +289,70 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "iter", "model_args", "settings", "data", "start")
+
+
 def read_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
     """A checkpoint written by this script; anything else ends the run with one line."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not all(key in ckpt for key in ("model", "optimizer", "iter", "model_args", "config")):
-            raise KeyError("model, optimizer, iter, model_args or config")
-        return ckpt
-    except Exception as e:
-        raise SystemExit(f"error: {path}: not a checkpoint written by train.py ({type(e).__name__}: {e})") from None
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: not a checkpoint (no such file)") from None
+    except Exception as e:  # its message can run to many lines (weights_only advice): the type says enough
+        raise SystemExit(f"error: {path}: not a checkpoint written by train.py (torch.load: {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt:
+        raise SystemExit(f"error: {path}: not a checkpoint written by train.py (no model_args)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} was written by an older train.py (no {', '.join(missing)}); "
+                         f"start it again in another out_dir")
+    return ckpt
 
 
 def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT:
-    """A fresh GPT (seeded identically on every rank) or the model of a checkpoint."""
+    """A fresh GPT (seeded identically on every rank), or the model of a checkpoint: ours (a .pt file) or a
+    Hugging Face GPT-2 (a directory, .safetensors or .bin). The run's dropout governs every model."""
     if init is None:
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                               n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    else:
+    elif init.endswith(".pt"):
         ckpt = read_checkpoint(init)
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": cfg.dropout}))
         model.load_state_dict(ckpt["model"])
+    else:
+        if not os.path.exists(init):
+            raise SystemExit(f"error: {init}: no such checkpoint")
+        try:
+            model = GPT.from_pretrained(init, dropout=cfg.dropout)
+        except ValueError as e:
+            raise SystemExit(f"error: {e} (expected a checkpoint of ours, *.pt, or a Hugging Face GPT-2: a directory "
+                             f"with config.json and model.safetensors or pytorch_model.bin, or one such file)") from None
+    if cfg.block_size > model.config.block_size:
+        raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {model.config.block_size}, "
+                         f"the context of {init}")
     return model.to(device)
+
+
+def fingerprint(obj) -> str:
+    """A short hash of a model's weights or of a stage's training data, to recognise them on resume."""
+    digest = hashlib.sha256()
+    if isinstance(obj, torch.nn.Module):
+        for name, t in obj.state_dict().items():
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(pickle.dumps(obj))
+    return digest.hexdigest()[:16]
+
+
+def stage_settings(cfg: TrainConfig, loss_name: str, lr_key: str) -> dict:
+    """The settings a stage's checkpoint must share with a run that resumes it (data and start weights are
+    compared by fingerprint); iterations, intervals, device and evaluation may change."""
+    keys = ["seed", "block_size", "batch_size", "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip",
+            "warmup_iters", "dropout", lr_key]
+    keys += {"kto": ["beta", "lambda_d", "lambda_u"], "dpo": ["beta"], "sft": []}[loss_name]
+    return {key: getattr(cfg, key) for key in keys}
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -373,11 +449,15 @@ def format_metrics(m: dict) -> str:
 
 # ----------------------------------------------------------------------------- one stage
 
-def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int, lr: float,
-                units: data.Units, rank: int, world_size: int, device: torch.device, progress: bool = True) -> GPT:
-    """Train one stage to `iters` iterations from `init` (None: a fresh model); return the model."""
+def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int, lr_key: str,
+                units: data.Units, rank: int, world_size: int, device: torch.device, progress: bool = True,
+                eval_units: data.Units = ()) -> GPT:
+    """Train one stage to `iters` iterations from `init` (None: a fresh model) at the learning rate
+    cfg.<lr_key>; return the model. With eval_units, the eval loss is written every eval_interval."""
     path = os.path.join(cfg.out_dir, f"{name}.pt")
     model = build_model(cfg, init, device)
+    lr = getattr(cfg, lr_key)
+    identity = {"settings": stage_settings(cfg, loss_name, lr_key), "data": fingerprint(units), "start": fingerprint(model)}
     reference = None
     if loss_name in ("kto", "dpo"):  # a frozen copy of the starting policy, never wrapped in DDP
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -385,10 +465,14 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     start = 0
     if cfg.resume and os.path.exists(path):
         ckpt = read_checkpoint(path, device)
-        for key, value in ckpt["config"].items():
-            if key not in RESUMABLE_CHANGES and getattr(cfg, key) != value:
+        for key, value in ckpt["settings"].items():
+            if identity["settings"].get(key) != value:
                 raise SystemExit(f"error: {path} was trained with {key}={value!r}, this run has "
-                                 f"{key}={getattr(cfg, key)!r}; use another out_dir or the same value")
+                                 f"{key}={identity['settings'].get(key)!r}; use another out_dir or the same value")
+        for key, what in (("data", "training data"), ("start", f"start ({init or 'a fresh model'})")):
+            if ckpt[key] != identity[key]:
+                raise SystemExit(f"error: {path} was trained from another {what} than this run's; "
+                                 f"use another out_dir or the same {'data and settings' if key == 'data' else 'start'}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["iter"]
@@ -436,22 +520,53 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
         bar.update(1)
         log = (it + 1) % cfg.log_interval == 0 or it + 1 == iters
         save = (it + 1) % cfg.ckpt_interval == 0 or it + 1 == iters
+        rows = []
         if log or save:
-            rows = gather_rows(pending, keys)
-            pending = []
-            if rank == 0:
-                with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in rows)
-                if log and progress:
-                    bar.write(f"{name} iter {it + 1}: {format_metrics(rows[-1])}")
+            rows, pending = gather_rows(pending, keys), []
+        if eval_units and ((it + 1) % cfg.eval_interval == 0 or it + 1 == iters):
+            rows.append({"stage": name, "iter": it + 1,
+                         "eval": eval_loss(model, reference, eval_units, cfg, loss_name, rank, world_size, device)})
+        if rank == 0 and rows:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            for row in rows:
+                if "eval" in row and progress:
+                    bar.write(f"{name} eval iter {it + 1}: {format_metrics(row['eval'])}")
+            if log and progress:
+                bar.write(f"{name} iter {it + 1}: {format_metrics(rows[-1] if 'eval' not in rows[-1] else rows[-2])}")
         if rank == 0 and save:
             save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "iter": it + 1, "model_args": dataclasses.asdict(model.config),
-                                   "config": dataclasses.asdict(cfg)})
+                                   "config": dataclasses.asdict(cfg), **identity})
     bar.close()
     if world_size > 1:
         dist.barrier()  # the next stage reads this checkpoint on every rank
     return model
+
+
+@torch.no_grad()
+def eval_loss(model: GPT, reference: GPT | None, units: data.Units, cfg: TrainConfig, loss_name: str,
+              rank: int, world_size: int, device: torch.device) -> dict:
+    """The loss and its stats on the held-out examples, in whole batches taken in order; every rank
+    computes its shard of each batch and the sums are reduced over ranks."""
+    per_batch = cfg.batch_size // 2 if loss_name == "dpo" else cfg.batch_size
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for i in range(0, len(units) - per_batch + 1, per_batch):
+        batch = data.make_batch(units[i:i + per_batch], cfg.block_size, with_kl=loss_name == "kto")
+        batch = {k: v.to(device) for k, v in data.shard(batch, rank, world_size).items()}
+        with amp:
+            _, stats = compute_loss(model, reference, batch, cfg, loss_name)
+        for k, v in stats.items():
+            if v.dim() == 0:
+                totals[k] = totals.get(k, 0) + v.float()
+    model.train()
+    keys = sorted(totals)
+    sums = torch.stack([totals[k] for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return kto.summarize(dict(zip(keys, sums.tolist())))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -486,11 +601,18 @@ def evaluate(model: GPT, prompts: list[str], samples: int, temperature: float, s
 
 # ----------------------------------------------------------------------------- main
 
-def prepare(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Data]:
+def prepare(cfg: TrainConfig, world_size: int, progress: bool = False) -> tuple[TrainConfig, Data]:
     """Load the data, check it against the batch, and settle lambda_d and lambda_u (the returned config)."""
-    d = load_data(cfg)
-    for units in (d.sft, d.control, d.main):  # every stage draws whole batches of distinct examples
-        data.batch_indices(len(units), cfg.batch_size // 2 if units is d.main and cfg.loss == "dpo" else cfg.batch_size, 0, cfg.seed)
+    d = load_data(cfg, progress)
+    per_batch = cfg.batch_size // 2 if cfg.loss == "dpo" else cfg.batch_size
+    for units, size in ((d.sft, cfg.batch_size), (d.control, cfg.batch_size), (d.main, per_batch)):
+        data.batch_indices(len(units), size, 0, cfg.seed)  # every stage draws whole batches of distinct examples
+    if d.eval and len(d.eval) < per_batch:
+        raise data.DataError(f"eval_fraction={cfg.eval_fraction} holds out {len(d.eval)} examples (or pairs), fewer than "
+                             f"one batch of {per_batch}; expected a larger eval_fraction or a smaller batch_size")
+    if d.eval:
+        d.report.append(f"eval: {len(d.eval) // per_batch} batches of {per_batch} every {cfg.eval_interval} iterations"
+                        + (f" ({len(d.eval) % per_batch} left over)" if len(d.eval) % per_batch else ""))
     if cfg.loss != "kto":
         return cfg, d
     data.check_kl_pairs(d.main, cfg.batch_size)
@@ -517,7 +639,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> N
                          f"to be a multiple of the {world_size} processes")
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        cfg, d = prepare(cfg, world_size)
+        cfg, d = prepare(cfg, world_size, progress=rank == 0)
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
     if rank == 0:
@@ -527,21 +649,20 @@ def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> N
             print(f"note: z_ref pools each global micro-batch of {cfg.batch_size} examples; 8 to 16 or more give a steadier z_ref")
 
     stage = functools.partial(train_stage, cfg, rank=rank, world_size=world_size, device=device)
+    examples_eval = data.split_pairs(d.eval) if d.eval and isinstance(d.eval[0], data.PairTokens) else d.eval
     start_path = None
     models = {}
     if cfg.init_from == "sft":
-        models["SFT"] = stage("sft", "sft", None, cfg.sft_iters, cfg.sft_lr, d.sft)
+        sft_init = None if cfg.sft_init == "scratch" else cfg.sft_init
+        models["SFT"] = stage("sft", "sft", sft_init, cfg.sft_iters, "sft_lr", d.sft, eval_units=examples_eval)
         start_path = os.path.join(cfg.out_dir, "sft.pt")
     elif cfg.init_from != "scratch":
-        context = read_checkpoint(cfg.init_from)["model_args"]["block_size"]
-        if cfg.block_size > context:
-            raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {context}, the context of {cfg.init_from}")
         start_path = cfg.init_from
     models[f"SFT+{cfg.loss.upper()}" if start_path else cfg.loss.upper()] = \
-        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, cfg.lr, d.main)
+        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, "lr", d.main, eval_units=d.eval)
     if cfg.control and cfg.loss != "sft":
         models["SFT+SFT (control)" if start_path else "SFT (control)"] = \
-            stage("control", "sft", start_path, cfg.max_iters, cfg.lr, d.control)
+            stage("control", "sft", start_path, cfg.max_iters, "lr", d.control, eval_units=examples_eval)
 
     if rank == 0 and d.heldout is not None:
         print(f"\nheld-out utility: the judge's mean score on {len(d.heldout)} unseen prompts")
@@ -555,13 +676,19 @@ def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> N
 
 
 def main() -> None:
-    cfg = parse_config(sys.argv[1:])
-    rank, world_size, device = setup_distributed(cfg)
     try:
-        run(cfg, rank, world_size, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        cfg = parse_config(sys.argv[1:])
+        rank, world_size, device = setup_distributed(cfg)
+        try:
+            run(cfg, rank, world_size, device)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except SystemExit as e:
+        # Under torchrun every rank meets the same error: rank 0 alone prints it.
+        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0":
+            raise SystemExit(1) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The model's log-probs and sampling against slow, obvious routes."""
+"""The model's log-probs and sampling against slow, obvious routes; Hugging Face checkpoints."""
+import json
+
 import pytest
 import torch
 
@@ -69,3 +71,112 @@ def test_sampling_matches_the_model_distribution():
     freq = torch.bincount(tokens, minlength=6).double() / n
     assert (freq - probs.double()).abs().max().item() < 4 * (0.25 / n) ** 0.5  # four standard errors at worst
     assert probs.max() - probs.min() > 0.3  # the test is not vacuous
+
+
+# ----------------------------------------------------------------------------- Hugging Face GPT-2 checkpoints
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_state(model: GPT, prefix: str, buffers: bool, head: bool) -> dict[str, torch.Tensor]:
+    """Our weights as Hugging Face stores GPT-2: Conv1D weights (in, out), optional prefix, buffers and head."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        name = name.removeprefix("transformer.")
+        out[prefix + name] = t.t().contiguous() if name.endswith(CONV1D) else t.clone()
+    if buffers:
+        n = model.config.block_size
+        for i in range(model.config.n_layer):
+            out[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+            out[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if head:
+        out["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    return out
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], dtype=torch.float32) -> None:
+    """The format written out by hand: header length (u64 little-endian), JSON header, raw bytes."""
+    names = {torch.float32: "F32", torch.float16: "F16"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.to(dtype).contiguous().numpy().tobytes()
+        header[name] = {"dtype": names[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def hf_config(model: GPT) -> dict:
+    c = model.config
+    return {"model_type": "gpt2", "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
+            "n_ctx": c.block_size, "vocab_size": c.vocab_size, "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-05, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+
+
+def logps_of(model: GPT) -> torch.Tensor:
+    enc = data.get_tokenizer()
+    pairs = [(enc.encode_ordinary("Q: Ann had 3 apples, got 5 more. Total? A:"), enc.encode_ordinary(" 8") + [data.EOT]),
+             (enc.encode_ordinary("\n\nHuman: Hi\n\nAssistant:"), enc.encode_ordinary(" Hello there!") + [data.EOT])]
+    idx, targets, scored = data.collate(pairs, block_size=32)
+    with torch.no_grad():
+        return kto.sequence_logps(model.eval()(idx, targets, scored), scored)
+
+
+def gpt2_like(seed: int = 3) -> GPT:
+    torch.manual_seed(seed)  # 64-wide heads, as in every GPT-2
+    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=128)).eval()
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained safetensors", "hub bin", "save_pretrained bin with head",
+                                    "hub safetensors file without config", "fp16 safetensors"])
+def test_hugging_face_checkpoints_load_to_the_same_log_probs(tmp_path, layout):
+    model = gpt2_like()
+    expected = logps_of(model)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    if layout == "save_pretrained safetensors":
+        write_safetensors(tmp_path / "model.safetensors", hf_state(model, "transformer.", buffers=False, head=False))
+        path = str(tmp_path)
+    elif layout == "hub bin":
+        torch.save(hf_state(model, "", buffers=True, head=False), tmp_path / "pytorch_model.bin")
+        path = str(tmp_path / "pytorch_model.bin")
+    elif layout == "save_pretrained bin with head":
+        torch.save(hf_state(model, "transformer.", buffers=False, head=True), tmp_path / "pytorch_model.bin")
+        path = str(tmp_path)
+    elif layout == "hub safetensors file without config":
+        (tmp_path / "config.json").unlink()
+        write_safetensors(tmp_path / "gpt2.safetensors", hf_state(model, "", buffers=True, head=False))
+        path = str(tmp_path / "gpt2.safetensors")
+    else:
+        write_safetensors(tmp_path / "model.safetensors", hf_state(model, "", buffers=False, head=False), torch.float16)
+        path = str(tmp_path)
+    loaded = GPT.from_pretrained(path)
+    assert loaded.config == model.config
+    tolerance = 2e-2 if "fp16" in layout else 1e-5
+    assert torch.allclose(logps_of(loaded), expected, atol=tolerance)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_file_and_tensor(tmp_path):
+    model = gpt2_like()
+    state = hf_state(model, "", buffers=False, head=False)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    bad = dict(state, **{"h.1.mlp.c_fc.weight": torch.zeros(128, 100)})
+    write_safetensors(tmp_path / "model.safetensors", bad)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'h.1.mlp.c_fc.weight' has shape \[128, 100\]; expected \[128, 512\]"):
+        GPT.from_pretrained(str(tmp_path))
+    write_safetensors(tmp_path / "model.safetensors", {k: v for k, v in state.items() if k != "h.0.ln_2.bias"})
+    with pytest.raises(ValueError, match=r"tensor 'h.0.ln_2.bias' is missing"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config(model), "n_layer": 1}))
+    write_safetensors(tmp_path / "model.safetensors", state)
+    with pytest.raises(ValueError, match=r"unexpected tensor 'h.1.ln_1.weight' for a GPT-2 of 1 layers"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"no model.safetensors or pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else "")

@@ -1,7 +1,9 @@
 """The training loop: 1 process against 2, stop and resume, checkpoints, configuration, bad input."""
+import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -194,3 +196,105 @@ def test_dpo_and_kto_on_the_same_pairs(tmp_path):
     assert row["groups"]["pairs"]["n"] == 4 and 0 <= row["ordered"] <= 1 and "margin" in row
     # the SFT stage saw the same completions in both runs
     assert torch.equal(params(tmp_path / "dpo", "sft")["lm_head.weight"], params(tmp_path / "kto", "sft")["lm_head.weight"])
+
+
+# ----------------------------------------------------------------------------- real checkpoints and data files
+
+def hh_file(path, n: int = 40) -> str:
+    """A small HH-RLHF-shaped file, gzipped: transcripts that differ in their last reply."""
+    rows = []
+    for i in range(n):
+        prompt = f"\n\nHuman: What is {i} plus one?\n\nAssistant:"
+        rows.append(json.dumps({"chosen": f"{prompt} {i + 1}.", "rejected": f"{prompt} I do not know."}))
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_kto_from_a_hugging_face_checkpoint_on_hh_data_ignores_its_dropout(tmp_path):
+    """config.json says dropout 0.1, as GPT-2's does; the run's dropout (0) governs, so at the first step the
+    policy equals the reference: rewards and the KL estimate are exactly 0."""
+    from test_model import gpt2_like, hf_config, hf_state, write_safetensors
+    model = gpt2_like()
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config(model)))
+    write_safetensors(hf / "model.safetensors", hf_state(model, "", buffers=True, head=False))
+    hh = hh_file(tmp_path / "hh.jsonl.gz")
+    result = run(["--block_size=32", f"--data={hh}", f"--init_from={hf}", "--max_iters=2", "--batch_size=8",
+                  "--control=false", "--log_interval=1", "--lr=1e-3", f"--out_dir={tmp_path / 'o'}"])
+    assert "data: 40 pairs" in result.stdout and "pairs split: 80 examples: 40 desirable, 40 undesirable" in result.stdout
+    first = metrics(tmp_path / "o", "kto")[0]
+    assert first["reward_desirable"] == 0 and first["reward_undesirable"] == 0 and first["kl_raw"] == 0
+    # SFT from the same checkpoint (sft_init), then KTO: the SFT stage starts from GPT-2's weights
+    run(["--block_size=32", f"--data={hh}", f"--sft_init={hf / 'model.safetensors'}", "--sft_iters=1", "--max_iters=1",
+         "--batch_size=8", "--control=false", f"--out_dir={tmp_path / 's'}"])
+    assert params(tmp_path / "s", "sft")["transformer.wpe.weight"].shape == (32, 128)
+
+
+def test_resume_compares_what_matters(tmp_path):
+    data_file = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"Q: {i} plus one? A:", "completion": f" {i + 1}", "label": i % 3 != 0} for i in range(12)]
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = TINY + [f"--data={data_file}", "--sft_iters=2", "--batch_size=4", "--control=false"]
+    run(base + ["--max_iters=2", f"--out_dir={tmp_path / 'a'}"])
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    # a copied out_dir, a trailing slash and a copied data file resume; the SFT stage is already done
+    copied = tmp_path / "copy.jsonl"
+    shutil.copy(data_file, copied)
+    result = run(base[:-3] + [f"--data={copied}", "--sft_iters=2", "--batch_size=4", "--control=false",
+                              "--max_iters=3", "--resume=true", f"--out_dir={tmp_path / 'copy'}/"])
+    assert "sft: checkpoint at iteration 2, nothing to train" in result.stdout
+    assert torch.load(tmp_path / "copy" / "kto.pt", weights_only=True)["iter"] == 3
+    # what matters does not match: other data, another SFT learning rate
+    copied.write_text("".join(json.dumps({**r, "label": not r["label"]}) + "\n" for r in rows))
+    result = run(base[:-3] + [f"--data={copied}", "--sft_iters=2", "--batch_size=4", "--control=false",
+                              "--max_iters=4", "--resume=true", f"--out_dir={tmp_path / 'copy'}"], check=False)
+    assert result.returncode != 0 and "was trained from another training data than this run's" in result.stderr
+    result = run(base + ["--sft_lr=0.02", "--max_iters=4", "--resume=true", f"--out_dir={tmp_path / 'a'}"], check=False)
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'a' / 'sft.pt'} was trained with sft_lr=0.01, "
+                                                  "this run has sft_lr=0.02; use another out_dir or the same value"]
+    # a checkpoint of an older train.py: one line
+    old = torch.load(tmp_path / "a" / "kto.pt", weights_only=True)
+    for key in ("settings", "data", "start"):
+        del old[key]
+    torch.save(old, tmp_path / "a" / "kto.pt")
+    result = run(base + ["--max_iters=4", "--resume=true", f"--out_dir={tmp_path / 'a'}"], check=False)
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'a' / 'kto.pt'} was written by an older train.py "
+                                                  "(no settings, data, start); start it again in another out_dir"]
+
+
+def test_command_line_edges_give_one_line(tmp_path):
+    result = run(["--help"])
+    assert "--lambda_d=None" in result.stdout and "--eval_fraction=0.0" in result.stdout and "torchrun" in result.stdout
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "a", "completion": " b", "label": True}) + "\n")
+    for args, expected in [(["--out_dir="], "error: out_dir='': expected a directory path"),
+                           (["--data="], "error: data='': expected 'arithmetic' or the path of a .jsonl"),
+                           (["--init_from="], "error: init_from='': expected 'sft', 'scratch' or a checkpoint path"),
+                           ([f"--init_from={jsonl}"], f"error: {jsonl}: "),
+                           ([f"--init_from={tmp_path / 'nothing.pt'}"], f"error: {tmp_path / 'nothing.pt'}: not a checkpoint")]:
+        result = run(TINY + args + [f"--out_dir={tmp_path / 'o'}"] * (args != ["--out_dir="]), check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(expected), (args, result.stderr)
+
+
+def test_eval_split_is_reduced_over_ranks_and_errors_print_once(tmp_path):
+    hh = hh_file(tmp_path / "hh.jsonl.gz", n=60)
+    args = TINY + [f"--data={hh}", "--eval_fraction=0.2", "--eval_interval=2", "--sft_iters=2", "--max_iters=2",
+                   "--batch_size=8", "--control=false", "--sft_lr=1e-3", "--lr=1e-3"]
+    one = run(args + [f"--out_dir={tmp_path / 'one'}"])
+    run(args + [f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    assert "eval_fraction=0.2: 12 pairs held out, by prompt" in one.stdout
+    evals = {}
+    for name in ("one", "two"):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            evals[name] = [r for r in map(json.loads, f) if "eval" in r and "stage" in r]
+    assert [(r["stage"], r["iter"]) for r in evals["one"]] == [("sft", 2), ("kto", 2)]
+    for a, b in zip(evals["one"], evals["two"]):
+        assert a["eval"] == pytest.approx(b["eval"], abs=1e-5)
+    eval_kto = evals["one"][1]["eval"]  # 3 batches of 8: the 24 examples of the 12 held-out pairs
+    assert eval_kto["n_desirable"] == eval_kto["n_undesirable"] == 12
+    bad = run(TINY + [f"--data={tmp_path / 'missing.jsonl'}", f"--out_dir={tmp_path / 'b'}"], nproc=2, check=False)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode != 0 and errors == [f"error: {tmp_path / 'missing.jsonl'}: cannot open (No such file or directory)"]
