@@ -234,9 +234,10 @@ def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool 
     paired = bool(units) and isinstance(units[0], Pair)
     fields = ("prompt", "chosen", "rejected") if paired else ("prompt", "completion")
     out, dropped, chunk = [], 0, 4096
-    for start in tqdm(range(0, len(units), chunk), desc="tokenizing", unit_scale=chunk, disable=not progress,
-                      dynamic_ncols=True):
+    bar = tqdm(total=len(units), desc="tokenizing", unit="rows", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(units), chunk):
         part = units[start:start + chunk]
+        bar.update(len(part))
         ids = {f: enc.encode_ordinary_batch([getattr(u, f) for u in part]) for f in fields}
         for i, u in enumerate(part):
             completions = [ids[f][i] + [EOT] for f in fields[1:]]
@@ -246,6 +247,7 @@ def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool 
                 out.append(PairTokens(ids["prompt"][i], *completions))
             else:
                 out.append(Tokens(ids["prompt"][i], completions[0], u.desirable))
+    bar.close()
     return out, dropped
 
 
@@ -560,6 +562,11 @@ def make_batch(units: list[Tokens] | list[PairTokens], block_size: int, with_kl:
 
 
 def shard(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """This rank's contiguous slice of rows of a global batch."""
+    """This rank's contiguous slice of rows of a global batch, with the flat indices of its scored
+    positions ("positions", "kl_positions": see GPT.forward), found here on the host."""
     n = len(batch["idx"]) // world_size
-    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+    out = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+    for prefix in ("", "kl_"):
+        if prefix + "scored" in out:
+            out[prefix + "positions"] = out[prefix + "scored"].reshape(-1).nonzero().squeeze(1)
+    return out

@@ -133,7 +133,7 @@ def weigh(model: torch.nn.Module, cfg: train.TrainConfig, units: list[data.Token
     out: dict[str, list] = {"z": [], "weight": [], "saturated": [], "group": []}
     for i in range(0, len(units) - cfg.batch_size + 1, cfg.batch_size):
         batch = data.make_batch(units[i:i + cfg.batch_size], cfg.block_size, with_kl=True)
-        _, stats = train.compute_loss(model, reference, {k: v.to(device) for k, v in batch.items()}, cfg, "kto")
+        _, stats = train.compute_loss(model, reference, train.to_device(data.shard(batch, 0, 1), device), cfg, "kto")
         for key in ("z", "weight", "saturated"):
             out[key] += stats[key].tolist()
         out["group"] += [u.tag if u.tag != "clean" else "desirable" if u.desirable else "undesirable"

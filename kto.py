@@ -56,7 +56,7 @@ def kl_reference_point(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.
                point constant, so no gradient flows through it.
     """
     log_ratios = (policy_kl_logps - reference_kl_logps).detach()
-    total = _sum_over_ranks(torch.stack([log_ratios.sum(), torch.tensor(float(log_ratios.numel()), device=log_ratios.device)]))
+    total = _sum_over_ranks(torch.stack([log_ratios.sum(), torch.full((), float(log_ratios.numel()), device=log_ratios.device)]))
     kl_raw = total[0] / total[1]
     return kl_raw.clamp(min=0), kl_raw
 
@@ -97,7 +97,7 @@ def kto_loss(
     z = beta * (r - z_ref)
     stats = {
         "loss_sum": losses.detach().sum(),
-        "n": torch.tensor(float(r.numel()), device=r.device),
+        "n": torch.full((), float(r.numel()), device=r.device),
         "n_desirable": d.sum(),
         "n_undesirable": u.sum(),
         "reward_desirable_sum": (r * d).sum(),
@@ -142,7 +142,7 @@ def dpo_loss(
     z = z.detach()
     stats = {
         "loss_sum": losses.detach().sum(),
-        "n": torch.tensor(float(z.numel()), device=z.device),
+        "n": torch.full((), float(z.numel()), device=z.device),
         "reward_chosen_sum": r_chosen.detach().sum(),
         "reward_rejected_sum": r_rejected.detach().sum(),
         "n_ordered": (z > 0).float().sum(),  # pairs whose chosen completion already has the larger reward
@@ -158,7 +158,7 @@ def dpo_loss(
 def sft_loss(policy_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Supervised fine-tuning: the negative log-likelihood of each completion, mean over examples."""
     losses = -policy_logps
-    stats = {"loss_sum": losses.detach().sum(), "n": torch.tensor(float(losses.numel()), device=losses.device)}
+    stats = {"loss_sum": losses.detach().sum(), "n": torch.full((), float(losses.numel()), device=losses.device)}
     return losses.mean(), stats
 
 

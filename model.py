@@ -108,17 +108,22 @@ class GPT(nn.Module):
             x = block(x)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities of `targets` (B, T) at the `scored` positions; 0 elsewhere.
 
         Only the scored positions are projected onto the vocabulary: for short completions after
         long prompts the 50257-way projection is most of the cost, and prompt and padding are never
-        scored. log_softmax runs in fp32 even under bf16 autocast.
+        scored. positions: the flat indices of the scored positions in (B * T), computed on the host
+        (data.shard) so that the device never waits to learn how many there are; without it they are
+        found here. log_softmax runs in fp32 even under bf16 autocast.
         """
-        h = self.hidden(idx)[scored]  # (N_scored, n_embd)
-        logits = self.lm_head(h).float()
-        logps = logits.log_softmax(dim=-1).gather(1, targets[scored].unsqueeze(1)).squeeze(1)
-        return torch.zeros(targets.shape, dtype=logps.dtype, device=logps.device).masked_scatter(scored, logps)
+        if positions is None:
+            positions = scored.view(-1).nonzero().squeeze(1)
+        h = self.hidden(idx)
+        h = h.view(-1, h.size(-1)).index_select(0, positions)  # (N_scored, n_embd)
+        logps = self.lm_head(h).float().log_softmax(dim=-1).gather(1, targets.view(-1)[positions].unsqueeze(1)).squeeze(1)
+        return torch.zeros(targets.numel(), dtype=logps.dtype, device=logps.device).index_copy(0, positions, logps).view(targets.shape)
 
     @classmethod
     def from_pretrained(cls, path: str, dropout: float = 0.0) -> "GPT":

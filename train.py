@@ -91,6 +91,8 @@ class TrainConfig:
     eval_interval: int = 200  # iterations between eval losses (with eval_fraction > 0)
     ckpt_interval: int = 200
     device: str = "auto"  # "auto", "cpu", "cuda"
+    reference: str = "live"  # "live": the frozen reference runs every step; "precomputed": its log-probs first, then freed
+    compile: bool = False  # torch.compile the policy and the reference
 
 
 def usage() -> str:
@@ -192,6 +194,7 @@ def check_config(cfg: TrainConfig) -> None:
     require(cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
     require(cfg.device != "cuda" or torch.cuda.is_available(), "device", "a machine with CUDA")
     require(cfg.loss in ("kto", "dpo", "sft"), "loss", "'kto', 'dpo' or 'sft'")
+    require(cfg.reference in ("live", "precomputed"), "reference", "'live' or 'precomputed'")
     require(cfg.loss != "dpo" or cfg.desirable_fraction == 1, "desirable_fraction",
             "1 with loss='dpo': dropping desirable examples breaks DPO's pairs")
     require(cfg.loss != "dpo" or not cfg.one_y_per_x, "one_y_per_x", "false with loss='dpo': a pair has two completions")
@@ -207,6 +210,9 @@ def check_config(cfg: TrainConfig) -> None:
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). torchrun sets RANK; a plain `python train.py` is rank 0 of 1."""
     cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if cuda:  # TF32 matmuls where fp32 remains (bf16 autocast covers the rest)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -359,23 +365,126 @@ def stage_settings(cfg: TrainConfig, loss_name: str, lr_key: str) -> dict:
 
 def compute_loss(policy: torch.nn.Module, reference: GPT | None, batch: dict[str, torch.Tensor],
                  cfg: TrainConfig, loss_name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch (this rank's shard) and its stats (see kto.py)."""
+    """The loss of one micro-batch (this rank's shard) and its stats (see kto.py). reference is the frozen
+    model, or None when the batch carries the reference's precomputed log-probs."""
     def logps(model: torch.nn.Module, prefix: str = "") -> torch.Tensor:
         scored = batch[prefix + "scored"]
-        return kto.sequence_logps(model(batch[prefix + "idx"], batch[prefix + "targets"], scored), scored)
+        return kto.sequence_logps(model(batch[prefix + "idx"], batch[prefix + "targets"], scored, batch[prefix + "positions"]),
+                                  scored)
 
     policy_logps = logps(policy)
     if loss_name == "sft":
         return kto.sft_loss(policy_logps)
     with torch.no_grad():
-        reference_logps = logps(reference)
+        reference_logps = batch["reference_logps"] if reference is None else logps(reference)
     if loss_name == "dpo":  # rows alternate chosen, rejected (data.make_batch)
         return kto.dpo_loss(policy_logps[0::2], policy_logps[1::2], reference_logps[0::2], reference_logps[1::2], cfg.beta)
     with torch.no_grad():  # the KL pairs only set z_ref, which is held constant: no gradient
         policy_kl_logps = logps(policy.module if isinstance(policy, DDP) else policy, "kl_")
-        reference_kl_logps = logps(reference, "kl_")
+        reference_kl_logps = batch["reference_kl_logps"] if reference is None else logps(reference, "kl_")
     return kto.kto_loss(policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, batch["desirable"],
                         cfg.beta, cfg.lambda_d, cfg.lambda_u)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (GPT.forward keeps log_softmax in fp32); plain fp32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def train_step(policy: torch.nn.Module, model: GPT, reference: GPT | None, optimizer: torch.optim.Optimizer,
+               batches: list[dict[str, torch.Tensor]], cfg: TrainConfig, loss_name: str,
+               world_size: int) -> list[dict[str, torch.Tensor]]:
+    """One optimizer step over micro-batches already on the device; returns each one's stats (on the device)."""
+    amp = autocast(batches[0]["idx"].device)
+    stats = []
+    for micro, batch in enumerate(batches):
+        last = micro == len(batches) - 1
+        # Gradients are all-reduced once per optimizer step, on the last micro-step.
+        sync = contextlib.nullcontext() if last or world_size == 1 else policy.no_sync()
+        with sync:
+            with amp:
+                loss, s = compute_loss(policy, reference, batch, cfg, loss_name)
+            (loss / len(batches)).backward()
+        stats.append(s)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pinned memory and non-blocking copies on CUDA: the host prepares the next batch while the GPU works."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def load_batches(units: data.Units, it: int, cfg: TrainConfig, loss_name: str, rank: int, world_size: int,
+                 device: torch.device, precomputed: dict[str, torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of iteration `it`, on the device, with the precomputed reference
+    log-probs of their rows and KL pairs when there are any."""
+    per_batch = cfg.batch_size // 2 if loss_name == "dpo" else cfg.batch_size
+    batches = []
+    for micro in range(cfg.grad_accum):
+        number = it * cfg.grad_accum + micro
+        indices = data.batch_indices(len(units), per_batch, number, cfg.seed)
+        batch = data.make_batch([units[i] for i in indices], cfg.block_size, with_kl=loss_name == "kto")
+        if precomputed is not None:
+            batch["reference_logps"] = precomputed["rows"][indices].reshape(-1)  # pairs: chosen, rejected
+            if loss_name == "kto":
+                batch["reference_kl_logps"] = precomputed["kl"][number]
+        batches.append(to_device(data.shard(batch, rank, world_size), device))
+    return batches
+
+
+@torch.no_grad()
+def reference_logps(reference: GPT, rows: list[tuple[list[int], list[int]]], cfg: TrainConfig,
+                    device: torch.device) -> torch.Tensor:
+    """log pi_ref(y|x) of (prompt, completion) rows, in no-grad inference batches of 8 training batches."""
+    amp = autocast(device)
+    out = [torch.zeros(0)]
+    for i in range(0, len(rows), 8 * cfg.batch_size):
+        idx, targets, scored = data.collate(rows[i:i + 8 * cfg.batch_size], cfg.block_size)
+        batch = to_device(data.shard({"idx": idx, "targets": targets, "scored": scored}, 0, 1), device)
+        with amp:
+            out.append(kto.sequence_logps(reference(batch["idx"], batch["targets"], batch["scored"], batch["positions"]),
+                                          batch["scored"]).float().cpu())
+    return torch.cat(out)
+
+
+def precompute_reference(reference: GPT, units: data.Units, eval_units: data.Units, cfg: TrainConfig, loss_name: str,
+                         iters: int, key: str, directory: str, rank: int, world_size: int,
+                         device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """reference="precomputed": the reference's log-probs of every training example (or pair) and of the
+    KL pairs of every batch that iterations 0..iters-1 draw (the batches follow from the seed alone), and
+    the same for the eval batches. Rank 0 computes them once and stores them in `directory`, where runs with
+    the same start, data and batches (a sweep) find them again. Returns (training, eval) tensors."""
+    path = os.path.join(directory, f"reference-{key}.pt")
+    per_batch = cfg.batch_size // 2 if loss_name == "dpo" else cfg.batch_size
+    n_batches = iters * cfg.grad_accum
+    if rank == 0 and not (os.path.exists(path) and torch.load(path, weights_only=True)["batches"] >= n_batches):
+        def rows(us: data.Units) -> list[tuple[list[int], list[int]]]:
+            if us and isinstance(us[0], data.PairTokens):
+                return [(p.prompt, c) for p in us for c in (p.chosen, p.rejected)]
+            return [(ex.prompt, ex.completion) for ex in us]
+
+        def kl_rows(batches: list[data.Units]) -> list[tuple[list[int], list[int]]]:
+            return [row for b in batches for row in data.kl_pairs(b)] if loss_name == "kto" else []
+
+        train_batches = [[units[i] for i in data.batch_indices(len(units), per_batch, b, cfg.seed)] for b in range(n_batches)]
+        eval_batches = [eval_units[i:i + per_batch] for i in range(0, len(eval_units) - per_batch + 1, per_batch)]
+        width = 2 if loss_name == "dpo" else 1
+        state = {"batches": n_batches,
+                 "rows": reference_logps(reference, rows(units), cfg, device).view(len(units), width),
+                 "kl": reference_logps(reference, kl_rows(train_batches), cfg, device).view(-1, per_batch) if loss_name == "kto" else torch.zeros(0),
+                 "eval_rows": reference_logps(reference, rows(eval_units), cfg, device).view(len(eval_units), width) if eval_units else torch.zeros(0),
+                 "eval_kl": reference_logps(reference, kl_rows(eval_batches), cfg, device).view(-1, per_batch) if eval_batches and loss_name == "kto" else torch.zeros(0)}
+        save_checkpoint(path, state)
+    if world_size > 1:
+        dist.barrier()
+    state = torch.load(path, weights_only=True)
+    return ({"rows": state["rows"], "kl": state["kl"]}, {"rows": state["eval_rows"], "kl": state["eval_kl"]})
 
 
 def lr_at(it: int, lr: float, warmup_iters: int) -> float:
@@ -483,9 +592,17 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
             print(f"{name}: checkpoint at iteration {start}, nothing to train")
         return model
 
-    policy = DDP(model) if world_size > 1 else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    per_batch = cfg.batch_size // 2 if loss_name == "dpo" else cfg.batch_size  # DPO: pairs of two completions
+    precomputed = eval_precomputed = None
+    if reference is not None and cfg.reference == "precomputed":
+        key = fingerprint((identity["start"], identity["data"], fingerprint(eval_units), loss_name, cfg.seed,
+                           cfg.batch_size, cfg.grad_accum, cfg.block_size))
+        directory = os.path.dirname(init) if init and init.endswith(".pt") else cfg.out_dir
+        precomputed, eval_precomputed = precompute_reference(reference, units, eval_units, cfg, loss_name, iters, key,
+                                                             directory, rank, world_size, device)
+        reference = None  # the reference is no longer needed: its memory is freed
+    forward = torch.compile(model) if cfg.compile else model
+    frozen = torch.compile(reference) if cfg.compile and reference is not None else reference
+    policy = DDP(forward) if world_size > 1 else forward
     bar = tqdm(total=iters, initial=start, desc=name, disable=rank != 0 or not progress, dynamic_ncols=True)
     pending, keys = [], None
     model.train()
@@ -495,24 +612,8 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
             group["lr"] = lr_at(it, lr, cfg.warmup_iters)
         # Dropout masks depend only on (seed, rank, iteration): a resumed run draws the same ones.
         torch.manual_seed(cfg.seed + 1_000_003 * rank + it)
-        micro_stats, micro_batches = [], []
-        for micro in range(cfg.grad_accum):
-            indices = data.batch_indices(len(units), per_batch, it * cfg.grad_accum + micro, cfg.seed)
-            batch = data.make_batch([units[i] for i in indices], cfg.block_size, with_kl=loss_name == "kto")
-            batch = {k: v.to(device) for k, v in data.shard(batch, rank, world_size).items()}
-            last = micro == cfg.grad_accum - 1
-            # Gradients are all-reduced once per optimizer step, on the last micro-step.
-            sync = contextlib.nullcontext() if last or world_size == 1 else policy.no_sync()
-            with sync:
-                with amp:
-                    loss, stats = compute_loss(policy, reference, batch, cfg, loss_name)
-                (loss / cfg.grad_accum).backward()
-            micro_stats.append(stats)
-            micro_batches.append(batch)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = load_batches(units, it, cfg, loss_name, rank, world_size, device, precomputed)
+        micro_stats = train_step(policy, model, frozen, optimizer, micro_batches, cfg, loss_name, world_size)
 
         keys = keys or sorted(k for k, v in micro_stats[0].items() if v.dim() == 0)
         record = {"stage": name, "iter": it + 1, "lr": optimizer.param_groups[0]["lr"], "ms": round(1000 * (time.time() - t0), 1)}
@@ -524,8 +625,8 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
         if log or save:
             rows, pending = gather_rows(pending, keys), []
         if eval_units and ((it + 1) % cfg.eval_interval == 0 or it + 1 == iters):
-            rows.append({"stage": name, "iter": it + 1,
-                         "eval": eval_loss(model, reference, eval_units, cfg, loss_name, rank, world_size, device)})
+            rows.append({"stage": name, "iter": it + 1, "eval": eval_loss(forward, frozen, eval_units, cfg, loss_name, rank,
+                                                                         world_size, device, eval_precomputed)})
         if rank == 0 and rows:
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -545,19 +646,22 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
 
 
 @torch.no_grad()
-def eval_loss(model: GPT, reference: GPT | None, units: data.Units, cfg: TrainConfig, loss_name: str,
-              rank: int, world_size: int, device: torch.device) -> dict:
+def eval_loss(model: torch.nn.Module, reference: GPT | None, units: data.Units, cfg: TrainConfig, loss_name: str,
+              rank: int, world_size: int, device: torch.device, precomputed: dict[str, torch.Tensor] | None) -> dict:
     """The loss and its stats on the held-out examples, in whole batches taken in order; every rank
     computes its shard of each batch and the sums are reduced over ranks."""
     per_batch = cfg.batch_size // 2 if loss_name == "dpo" else cfg.batch_size
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device)
     model.eval()
     totals: dict[str, torch.Tensor] = {}
-    for i in range(0, len(units) - per_batch + 1, per_batch):
+    for number, i in enumerate(range(0, len(units) - per_batch + 1, per_batch)):
         batch = data.make_batch(units[i:i + per_batch], cfg.block_size, with_kl=loss_name == "kto")
-        batch = {k: v.to(device) for k, v in data.shard(batch, rank, world_size).items()}
+        if precomputed is not None:
+            batch["reference_logps"] = precomputed["rows"][i:i + per_batch].reshape(-1)
+            if loss_name == "kto":
+                batch["reference_kl_logps"] = precomputed["kl"][number]
         with amp:
-            _, stats = compute_loss(model, reference, batch, cfg, loss_name)
+            _, stats = compute_loss(model, reference, to_device(data.shard(batch, rank, world_size), device), cfg, loss_name)
         for k, v in stats.items():
             if v.dim() == 0:
                 totals[k] = totals.get(k, 0) + v.float()

@@ -298,3 +298,27 @@ def test_eval_split_is_reduced_over_ranks_and_errors_print_once(tmp_path):
     bad = run(TINY + [f"--data={tmp_path / 'missing.jsonl'}", f"--out_dir={tmp_path / 'b'}"], nproc=2, check=False)
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode != 0 and errors == [f"error: {tmp_path / 'missing.jsonl'}: cannot open (No such file or directory)"]
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_precomputed_reference_gives_the_live_losses(tmp_path, loss):
+    """reference=precomputed against the live reference: the same losses, rewards, KL and weights (1e-5);
+    a second run from the same start and data (another beta: a sweep) reuses the stored log-probs."""
+    base = TINY + ["--task_demos=3", "--sft_iters=3", "--max_iters=4", "--batch_size=8", "--grad_accum=2",
+                   f"--loss={loss}", "--control=false", "--lr=1e-3"]
+    run(base + [f"--out_dir={tmp_path / 'sft'}", "--max_iters=1"])
+    start = str(tmp_path / "sft" / "sft.pt")
+    run(base + [f"--init_from={start}", f"--out_dir={tmp_path / 'live'}"])
+    run(base + [f"--init_from={start}", "--reference=precomputed", f"--out_dir={tmp_path / 'pre'}"])
+    live, pre = metrics(tmp_path / "live", loss), metrics(tmp_path / "pre", loss)
+    assert len(live) == len(pre) == 4
+    for a, b in zip(live, pre):
+        for key in ("loss", "kl_raw", "reward_desirable", "reward_undesirable", "reward_chosen", "margin", "grad_weight"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    stored = list((tmp_path / "sft").glob("reference-*.pt"))
+    assert len(stored) == 1  # beside the start checkpoint
+    made = stored[0].stat().st_mtime_ns
+    run(base + [f"--init_from={start}", "--reference=precomputed", "--beta=0.3", f"--out_dir={tmp_path / 'beta'}"])
+    assert list((tmp_path / "sft").glob("reference-*.pt")) == stored and stored[0].stat().st_mtime_ns == made
