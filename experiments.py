@@ -198,6 +198,22 @@ def bars(ax, numbers: dict, names: list[str], key: str = "sampled") -> None:
     ax.set_ylim(0, 100)
 
 
+def compare(lab: Lab, plan: list[tuple[str, dict]], extra: dict[str, tuple[str, float]] | None = None
+            ) -> tuple[dict[str, list[dict]], dict]:
+    """Run the plan; print, save and draw (sampled and greedy bars) its utility table."""
+    results = lab.runs(plan)
+    numbers = utility_table(results, extra)
+    lab.save(numbers)
+    plt = pyplot()
+    if plt:
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(plan)), 3.6))
+        for ax, key in zip(axes, ("sampled", "greedy")):
+            bars(ax, numbers, list(numbers), key)
+            ax.tick_params(axis="x", labelsize=7)
+        save_figure(lab, fig)
+    return results, numbers
+
+
 def over_training(lab: Lab, name: str, groups: tuple[str, ...], key: str) -> np.ndarray:
     """Per iteration, groups' `key` (weighted by their counts), mean over seeds; NaN where none is present."""
     per_seed = []
@@ -277,15 +293,7 @@ def lesson_value(lab: Lab) -> None:
 
 def lesson_dpo(lab: Lab) -> None:
     """SFT vs SFT+DPO vs SFT+KTO on the same pairs (the paper: KTO matches or beats DPO)."""
-    results = lab.runs([("SFT", {"loss": "none"}), ("SFT+DPO", {"loss": "dpo"}), ("SFT+KTO", {"loss": "kto"})])
-    numbers = utility_table(results)
-    lab.save(numbers)
-    plt = pyplot()
-    if plt:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-        for ax, key in zip(axes, ("sampled", "greedy")):
-            bars(ax, numbers, list(numbers), key)
-        save_figure(lab, fig)
+    compare(lab, [("SFT", {"loss": "none"}), ("SFT+DPO", {"loss": "dpo"}), ("SFT+KTO", {"loss": "kto"})])
 
 
 def lesson_saturation(lab: Lab) -> None:
@@ -370,32 +378,17 @@ def lesson_noise(lab: Lab) -> None:
 
 def lesson_imbalance(lab: Lab) -> None:
     """90% of the desirable examples dropped (1:10): lambda_D = 1 against the paper's advised lambda_D."""
-    results = lab.runs([("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
-                        ("KTO 1:10, lambda_d=1", {"loss": "kto", "desirable_fraction": 0.1, "lambda_d": 1.0}),
-                        ("KTO 1:10, advised", {"loss": "kto", "desirable_fraction": 0.1})])
+    results, _ = compare(lab, [("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
+                               ("KTO 1:10, lambda_d=1", {"loss": "kto", "desirable_fraction": 0.1, "lambda_d": 1.0}),
+                               ("KTO 1:10, advised", {"loss": "kto", "desirable_fraction": 0.1})])
     advised = ", ".join(f"{r['lambda_d']:.2f}" for r in results["KTO 1:10, advised"])
     print(f"lambda_d advised at 1:10, per seed: {advised}")
-    numbers = utility_table(results)
-    lab.save(numbers)
-    plt = pyplot()
-    if plt:
-        fig, ax = plt.subplots(figsize=(8, 3.8))
-        bars(ax, numbers, list(numbers))
-        ax.tick_params(axis="x", labelsize=7)
-        save_figure(lab, fig)
 
 
 def lesson_one_y_per_x(lab: Lab) -> None:
     """One completion per prompt (half of the pairs' completions) against all of them."""
-    results = lab.runs([("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
-                        ("KTO, one y per x", {"loss": "kto", "one_y_per_x": True})])
-    numbers = utility_table(results)
-    lab.save(numbers)
-    plt = pyplot()
-    if plt:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        bars(ax, numbers, list(numbers))
-        save_figure(lab, fig)
+    compare(lab, [("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
+                  ("KTO, one y per x", {"loss": "kto", "one_y_per_x": True})])
 
 
 def lesson_no_sft(lab: Lab) -> None:

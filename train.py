@@ -68,11 +68,11 @@ class TrainConfig:
     sft_lr: float = 3e-3  # learning rate of the SFT stage
     max_iters: int = 400  # iterations of the main loss (and of the control)
     lr: float = 1e-3  # learning rate of the main loss (and of the control)
-    control: bool = True  # also continue SFT from the same start (only with loss="kto")
+    control: bool = True  # also continue SFT from the same start (with loss kto or dpo)
     # KTO, eq. (7); beta outside the log-ratio (see kto.py)
     beta: float = 0.1
-    lambda_d: float | None = None  # None: from the data, by the paper's advice (kto.advised_lambdas); else 1 if
-    lambda_u: float | None = None  # only the other is set
+    lambda_d: float | None = None  # None: from the data by the paper's advice (kto.advised_lambdas), or 1 if lambda_u is set
+    lambda_u: float | None = None  # None: from the data by the paper's advice, or 1 if lambda_d is set
     # optimization
     batch_size: int = 32  # completions per micro-step, over all processes together (DPO: batch_size/2 pairs)
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -101,7 +101,7 @@ def usage() -> str:
     with open(__file__) as f:
         for line in f:
             name, colon, rest = line.strip().partition(":")
-            if colon and name in TrainConfig.__dataclass_fields__ and "#" in rest:
+            if colon and name in TrainConfig.__dataclass_fields__ and "#" in rest and name not in comments:
                 comments[name] = rest.split("#", 1)[1].strip()
     lines = [__doc__.strip(), "", "settings (--key=value, or keys of a JSON preset file):"]
     for f in dataclasses.fields(TrainConfig):
