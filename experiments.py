@@ -429,8 +429,8 @@ def lesson_beta(lab: Lab) -> None:
             name = f"KTO beta={b}"
             ax.scatter([100 * s for s in numbers["saturated"][name]], [100 * u for u in numbers["utility"][name]["sampled"]],
                        label=f"beta={b}")
-        ax.set(xlabel="saturated examples, mean over training (%)", ylabel="held-out utility, sampled (%)", ylim=(0, 100))
-        ax.legend()
+        ax.set(xlabel="saturated examples, mean over training (%)", ylabel="held-out utility, sampled (%)", ylim=(0, 103))
+        ax.legend(loc="lower right")
         save_figure(lab, fig)
 
 
