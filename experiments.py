@@ -196,6 +196,7 @@ def bars(ax, numbers: dict, names: list[str], key: str = "sampled") -> None:
     ax.bar(names, means, yerr=[low, high], capsize=4, color="#8fb3d9", edgecolor="#33557a")
     ax.set_ylabel(f"held-out utility, {key} (%)")
     ax.set_ylim(0, 100)
+    ax.tick_params(axis="x", labelsize=7, labelrotation=12)
 
 
 def compare(lab: Lab, plan: list[tuple[str, dict]], extra: dict[str, tuple[str, float]] | None = None
@@ -209,7 +210,6 @@ def compare(lab: Lab, plan: list[tuple[str, dict]], extra: dict[str, tuple[str, 
         fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(plan)), 3.6))
         for ax, key in zip(axes, ("sampled", "greedy")):
             bars(ax, numbers, list(numbers), key)
-            ax.tick_params(axis="x", labelsize=7)
         save_figure(lab, fig)
     return results, numbers
 
@@ -405,8 +405,7 @@ def lesson_no_sft(lab: Lab) -> None:
         means = [np.mean(numbers[n]["length (tokens)"]) for n in numbers]
         right.bar(list(numbers), means, color="#d9a38f", edgecolor="#7a3f33")
         right.set(ylabel="mean sampled completion length (tokens, of 16)")
-        for ax in (left, right):
-            ax.tick_params(axis="x", labelsize=7)
+        right.tick_params(axis="x", labelsize=7, labelrotation=12)
         save_figure(lab, fig)
 
 
@@ -451,14 +450,13 @@ def lesson_contradict(lab: Lab) -> None:
     if plt:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
         bars(left, numbers, list(numbers))
-        left.tick_params(axis="x", labelsize=6.5)
-        for name, color in (("KTO, 30% contradicted", "#2ca02c"), ("DPO, 30% contradicted", "#1f77b4")):
-            clean = ("desirable", "undesirable") if name.startswith("KTO") else ("pairs",)
-            for groups, ls, label in ((("contradicted",), "--", "contradicted"), (clean, "-", "clean")):
-                width = over_training(lab, name, groups, "z_q90") - over_training(lab, name, groups, "z_q10")
-                right.plot(smooth(width), color=color, ls=ls, label=f"{name.split(',')[0]} {label}")
-        right.set(xlabel="iteration", ylabel="z, 90% quantile minus 10% (in the batch)",
-                  title="how far training moves the examples' z")
+        names = ["KTO, 30% contradicted", "DPO, 30% contradicted"]
+        for offset, key, color in ((-0.2, "contradicted_prompts", "#d9a38f"), (0.2, "other_prompts", "#8fb3d9")):
+            right.bar([i + offset for i in range(2)], [100 * np.mean(numbers[n][key]) for n in names], width=0.4,
+                      color=color, edgecolor="#444444", label=key.replace("_", " "))
+        right.set_xticks(range(2), names, fontsize=7)
+        right.set(ylabel="greedy utility on training prompts (%)", ylim=(0, 100),
+                  title="contradicted prompts against the others")
         right.legend(fontsize=7)
         save_figure(lab, fig)
 
