@@ -473,7 +473,10 @@ def main() -> None:
     lesson, seeds, overrides = args[0], 3, []
     for arg in args[1:]:
         if arg.startswith("--seeds="):
-            seeds = int(arg.partition("=")[2])
+            value = arg.partition("=")[2]
+            if not value.isdigit() or not 1 <= int(value) <= len(SEEDS):
+                raise SystemExit(f"error: --seeds={value}: expected an integer from 1 to {len(SEEDS)}")
+            seeds = int(value)
         else:
             overrides.append(arg)
     base = train.parse_config([f"--{k}={v}" for k, v in LESSON_DEFAULTS.items()] + overrides)

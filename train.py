@@ -315,14 +315,19 @@ def read_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
     return ckpt
 
 
+def hugging_face(path: str) -> bool:
+    """A Hugging Face GPT-2 checkpoint (a directory, a .safetensors or a .bin file), not one of ours."""
+    return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
+
+
 def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT:
-    """A fresh GPT (seeded identically on every rank), or the model of a checkpoint: ours (a .pt file) or a
-    Hugging Face GPT-2 (a directory, .safetensors or .bin). The run's dropout governs every model."""
+    """A fresh GPT (seeded identically on every rank), or the model of a checkpoint: a Hugging Face GPT-2 (a
+    directory, a .safetensors or a .bin file) or ours (any other file). The run's dropout governs every model."""
     if init is None:
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                               n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    elif init.endswith(".pt"):
+    elif not hugging_face(init):
         ckpt = read_checkpoint(init)
         model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": cfg.dropout}))
         model.load_state_dict(ckpt["model"])
@@ -332,8 +337,8 @@ def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT
         try:
             model = GPT.from_pretrained(init, dropout=cfg.dropout)
         except ValueError as e:
-            raise SystemExit(f"error: {e} (expected a checkpoint of ours, *.pt, or a Hugging Face GPT-2: a directory "
-                             f"with config.json and model.safetensors or pytorch_model.bin, or one such file)") from None
+            raise SystemExit(f"error: {e} (expected a Hugging Face GPT-2: a directory with config.json and "
+                             f"model.safetensors or pytorch_model.bin, or one such file)") from None
     if cfg.block_size > model.config.block_size:
         raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {model.config.block_size}, "
                          f"the context of {init}")
@@ -596,7 +601,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     if reference is not None and cfg.reference == "precomputed":
         key = fingerprint((identity["start"], identity["data"], fingerprint(eval_units), loss_name, cfg.seed,
                            cfg.batch_size, cfg.grad_accum, cfg.block_size))
-        directory = os.path.dirname(init) if init and init.endswith(".pt") else cfg.out_dir
+        directory = os.path.dirname(init) if init and not hugging_face(init) else cfg.out_dir
         precomputed, eval_precomputed = precompute_reference(reference, units, eval_units, cfg, loss_name, iters, key,
                                                              directory, rank, world_size, device)
         reference = None  # the reference is no longer needed: its memory is freed
