@@ -35,7 +35,7 @@ class BenchConfig:
     n_head: int = 4
     n_embd: int = 128
     batch_size: int = 32
-    prompt_tokens: int = 18  # the built-in task's prompts are 17-18 tokens, its completions 2 (EOT included)
+    prompt_tokens: int = 15  # the built-in task's prompts are 15 tokens, its completions 2 (EOT included)
     completion_tokens: int = 2
     device: str = "cpu"
     dtype: str = "float32"  # "float32" or "bfloat16" (CUDA: autocast)

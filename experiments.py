@@ -23,7 +23,7 @@ import data
 import kto
 import train
 
-# The lessons' scale: a few minutes a run on a 2-core CPU. The built-in task with 4 answers per prompt
+# The lessons' scale: about a minute a run on a 2-core CPU. The built-in task with 4 answers per prompt
 # gives pairs (one correct, one wrong answer), so DPO, KTO and SFT see the same completions.
 LESSON_DEFAULTS = {"task_demos": 4, "sft_iters": 500, "max_iters": 300, "eval_samples": 4, "log_interval": 10,
                    "out_dir": "out-lessons"}

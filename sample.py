@@ -1,7 +1,7 @@
 """Sample completions from one or more checkpoints, side by side.
 
     python sample.py out/sft.pt out/kto.pt --prompt="Q: Ann had 3 apples, got 4 more. Total? A:"
-    python sample.py gpt2 out-hh/kto.pt --prompts=prompts.txt --num_samples=2 --temperature=0.8 --top_k=200
+    python sample.py gpt2 out-gpt2-hh/kto.pt --prompts=prompts.txt --num_samples=2 --temperature=0.8 --top_k=200
 
 Checkpoints are ours (*.pt) or Hugging Face GPT-2 (a directory, .safetensors or .bin). Prompts come from
 --prompt (repeatable) or --prompts=FILE (one per line; "\\n" in a line stands for a newline). Every

@@ -110,7 +110,7 @@ def usage() -> str:
 
 
 def parse_config(args: list[str]) -> TrainConfig:
-    """Defaults, then JSON preset files, then --key=value overrides, in the order given."""
+    """Defaults, then each argument in the order given: a JSON preset file or a --key=value override."""
     if any(arg in ("-h", "--help") for arg in args):
         print(usage())
         raise SystemExit(0)
@@ -724,7 +724,9 @@ def prepare(cfg: TrainConfig, world_size: int, progress: bool = False) -> tuple[
                         + (f" ({len(d.eval) % per_batch} left over)" if len(d.eval) % per_batch else ""))
     if cfg.loss != "kto":
         return cfg, d
-    data.check_kl_pairs(d.main, cfg.batch_size)
+    for units in (d.main, d.eval):
+        if units:
+            data.check_kl_pairs(units, cfg.batch_size)
     n_d = sum(ex.desirable for ex in d.main)
     n_u = len(d.main) - n_d
     advised = kto.advised_lambdas(n_d, n_u)
