@@ -322,3 +322,18 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, loss):
     made = stored[0].stat().st_mtime_ns
     run(base + [f"--init_from={start}", "--reference=precomputed", "--beta=0.3", f"--out_dir={tmp_path / 'beta'}"])
     assert list((tmp_path / "sft").glob("reference-*.pt")) == stored and stored[0].stat().st_mtime_ns == made
+
+
+def test_eval_batches_are_checked_for_kl_pairs_before_training(tmp_path):
+    """One prompt with 4 pairs (8 examples) fills a whole eval batch of 8 when it is held out: refused at the
+    start, as the training data would be, not in the middle of the run."""
+    rows = [{"prompt": "Q: same? A:", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(4)]
+    rows += [{"prompt": f"Q: {i}? A:", "chosen": " yes", "rejected": " no"} for i in range(40)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--block_size=32", f"--data={path}", "--eval_fraction=0.2", "--batch_size=8"]
+    units, _ = data.load_file(str(path), 32, progress=False)
+    same = tuple(units[0].prompt)
+    seed = next(s for s in range(1000) if any(tuple(u.prompt) == same for u in data.split_by_prompt(units, 0.2, s)[1]))
+    with pytest.raises(data.DataError, match="one prompt has 8 examples.*batch_size of at least 16"):
+        train.prepare(train.parse_config(base + [f"--seed={seed}"]), 1)
