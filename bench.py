@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+import config
 import data
 import train
 from model import GPT, GPTConfig
@@ -78,7 +79,7 @@ def forward_flops(model: GPT, rows: int, tokens: int, scored: int) -> float:
 def main() -> None:
     b = parse(sys.argv[1:])
     device = torch.device(b.device)
-    cfg = train.TrainConfig(n_layer=b.n_layer, n_head=b.n_head, n_embd=b.n_embd, batch_size=b.batch_size,
+    cfg = config.TrainConfig(n_layer=b.n_layer, n_head=b.n_head, n_embd=b.n_embd, batch_size=b.batch_size,
                             block_size=b.prompt_tokens + b.completion_tokens, seed=b.seed, lambda_d=1.0, lambda_u=1.0,
                             compile=b.compile, device="cuda" if device.type == "cuda" else "cpu")
     train.setup_distributed(cfg)  # TF32 on CUDA, as in training

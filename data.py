@@ -5,13 +5,8 @@ needs no pairs; a preference pair (x, y_w, y_l) is simply two examples. DPO need
 """
 import collections
 import functools
-import gzip
-import hashlib
-import json
 import os
 import random
-import re
-import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -77,154 +72,6 @@ class PairTokens(NamedTuple):
     tag: str = "clean"
 
 
-# ----------------------------------------------------------------------------- data files
-# A .jsonl or .jsonl.gz file, one JSON object per line, in any of these shapes, recognised row by row:
-#   unpaired        {"prompt": str, "completion": str, "label": bool}
-#   paired          {"prompt": str, "chosen": str, "rejected": str}
-#   HH-RLHF         {"chosen": str, "rejected": str}: whole transcripts "\n\nHuman: ...\n\nAssistant: ..."; the
-#                   prompt is the shared transcript up to and including the last "\n\nAssistant:"
-#   conversational  the fields above as lists of {"role", "content"} messages (TRL's shapes); chosen and
-#                   rejected may repeat the prompt's turns (UltraFeedback-binarized) or, without a prompt,
-#                   share them (the prompt is their common start)
-# Messages are rendered as HH-RLHF writes them, "\n\nHuman: ..." (system: "System", user: "Human",
-# assistant: "Assistant"); the prompt ends with "\n\nAssistant:" and the completion is " " + the reply.
-# The first row decides between examples (unpaired) and pairs; every row must then give the same.
-
-LABEL_EXPECTED = "a JSON boolean (true = desirable, false = undesirable)"
-ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
-ASSISTANT = "\n\nAssistant:"
-
-
-def _text(obj: dict, field: str, where: str) -> str:
-    if field not in obj:
-        raise DataError(f"{where}: field '{field}' is missing; expected a non-empty string or a list of messages")
-    if not isinstance(obj[field], str) or not obj[field]:
-        raise DataError(f"{where}: field '{field}': expected a non-empty string, got {json.dumps(obj[field])[:80]}")
-    return obj[field]
-
-
-def _messages(value, field: str, where: str) -> list[dict]:
-    """A list of {"role": system|user|assistant, "content": str} messages, checked."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field '{field}': expected a non-empty list of messages, got {json.dumps(value)[:80]}")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise DataError(f"{where}: field '{field}', message {i}: expected a role of {', '.join(ROLES)}, "
-                            f"got {json.dumps(m.get('role') if isinstance(m, dict) else m)[:80]}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field '{field}', message {i}: expected a string 'content', "
-                            f"got {json.dumps(m.get('content'))[:80]}")
-    return value
-
-
-def render(messages: list[dict]) -> str:
-    """The plain-text chat template: each message as "\n\n{Role}: {content}"."""
-    return "".join(f"\n\n{ROLES[m['role']]}: {m['content']}" for m in messages)
-
-
-def _reply(messages: list[dict], prompt: list[dict], field: str, where: str) -> str:
-    """The completion of a conversational field: one assistant message, after the prompt's turns if repeated."""
-    if messages[:len(prompt)] == prompt:
-        messages = messages[len(prompt):]
-    if len(messages) != 1 or messages[0]["role"] != "assistant" or not messages[0]["content"]:
-        raise DataError(f"{where}: field '{field}': expected one non-empty assistant reply after the prompt's messages, "
-                        f"got {json.dumps(messages)[:80]}")
-    return " " + messages[0]["content"]
-
-
-def _prompt(value, where: str) -> list[dict]:
-    """A conversational prompt: a list of messages, or a string taken as one user message."""
-    if isinstance(value, str) and value:
-        return [{"role": "user", "content": value}]
-    return _messages(value, "prompt", where)
-
-
-def parse_row(obj, where: str) -> Example | Pair | str:
-    """One row as an Example or a Pair, or the reason it is dropped (a str); DataError if malformed."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "completion" in obj or "label" in obj:
-        if "label" not in obj:
-            raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}")
-        # An identity test against True would silently treat labels written as 1 or "true" as undesirable.
-        if not isinstance(obj["label"], bool):
-            raise DataError(f"{where}: field 'label': expected {LABEL_EXPECTED}, got {json.dumps(obj['label'])}")
-        if isinstance(obj.get("completion"), list) or isinstance(obj.get("prompt"), list):
-            prompt = _prompt(obj.get("prompt"), where)
-            completion = _reply(_messages(obj.get("completion"), "completion", where), prompt, "completion", where)
-            return Example(render(prompt) + ASSISTANT, completion, obj["label"], where)
-        return Example(_text(obj, "prompt", where), _text(obj, "completion", where), obj["label"], where)
-    if "chosen" not in obj and "rejected" not in obj:
-        raise DataError(f"{where}: expected fields prompt, completion, label (unpaired) or chosen, rejected "
-                        f"(paired, with or without prompt); got {', '.join(obj) or 'none'}")
-    if isinstance(obj.get("chosen"), list) or isinstance(obj.get("rejected"), list):
-        chosen, rejected = (_messages(obj.get(f), f, where) for f in ("chosen", "rejected"))
-        if "prompt" in obj:
-            prompt = _prompt(obj["prompt"], where)
-        else:  # the implicit prompt: the turns chosen and rejected share before their replies
-            n = 0
-            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-                n += 1
-            prompt = chosen[:n]
-            if not prompt:
-                raise DataError(f"{where}: fields 'chosen' and 'rejected' share no prompt turns and there is no 'prompt'")
-        pair = Pair(render(prompt) + ASSISTANT, _reply(chosen, prompt, "chosen", where),
-                    _reply(rejected, prompt, "rejected", where), where)
-    elif "prompt" in obj:
-        pair = Pair(_text(obj, "prompt", where), _text(obj, "chosen", where), _text(obj, "rejected", where), where)
-    else:  # HH-RLHF: two transcripts that differ in their last reply
-        chosen, rejected = _text(obj, "chosen", where), _text(obj, "rejected", where)
-        i, j = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
-        if i < 0 or j < 0:
-            raise DataError(f"{where}: field '{'chosen' if i < 0 else 'rejected'}': expected an HH-RLHF transcript "
-                            f"with '\\n\\nAssistant:' turns")
-        prompt = chosen[:i + len(ASSISTANT)]
-        if rejected[:j + len(ASSISTANT)] != prompt:
-            return "HH-RLHF transcripts that differ before their last reply"
-        pair = Pair(prompt, chosen[i + len(ASSISTANT):], rejected[j + len(ASSISTANT):], where)
-        if not pair.chosen.strip() or not pair.rejected.strip():
-            return "an empty last reply"
-    return "chosen identical to rejected" if pair.chosen == pair.rejected else pair
-
-
-def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Counter]:
-    """Read a .jsonl or .jsonl.gz file (shapes above). Returns the examples or pairs and the rows
-    dropped, by reason. Blank lines are skipped; anything malformed raises DataError naming file, line and field."""
-    units, dropped = [], collections.Counter()
-    try:
-        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    try:
-        with f:
-            for lineno, raw in enumerate(f, start=1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-                unit = parse_row(obj, where)
-                if isinstance(unit, str):
-                    dropped[unit] += 1
-                    continue
-                if units and type(unit) is not type(units[0]):
-                    first, this = ("unpaired", "paired") if isinstance(units[0], Example) else ("paired", "unpaired")
-                    raise DataError(f"{where}: {'an' if this == 'unpaired' else 'a'} {this} row in a file whose first row "
-                                    f"({units[0].where}) is {first}; expected every row {first}")
-                units.append(unit)
-    except (OSError, EOFError, zlib.error) as e:  # gzip: a truncated or corrupt file
-        raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from None
-    if not units:
-        raise DataError(f"{path}: no examples" + (f" ({sum(dropped.values())} rows dropped)" if dropped else ""))
-    return units, dropped
-
-
 def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool = False
              ) -> tuple[list[Tokens] | list[PairTokens], int]:
     """BPE-encode examples or pairs; EOT ends each completion. Returns the tokenized units and how many were
@@ -249,130 +96,6 @@ def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool 
                 out.append(Tokens(ids["prompt"][i], completions[0], u.desirable))
     bar.close()
     return out, dropped
-
-
-CACHE_VERSION = 1  # raise when the cache's layout changes
-
-
-def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[Tokens] | list[PairTokens], list[str]]:
-    """Read and tokenize a data file, through a cache of numpy arrays beside it (nanoGPT's habit) that
-    a changed file, tokenizer or block_size invalidates. Returns the units and the report of what was dropped."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    digest.update(f"{VOCAB_SHA256} {GPT2_PATTERN} {block_size} {CACHE_VERSION}".encode())
-    cache = os.path.join(os.path.dirname(os.path.abspath(path)), ".kto_cache",
-                         f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.npz")
-    if os.path.exists(cache):
-        units, dropped = _read_cache(cache)
-    else:
-        rows, dropped = read_jsonl(path)
-        units, too_long = tokenize(rows, block_size, progress)
-        if too_long:
-            dropped[f"a completion longer than block_size={block_size} tokens with EOT"] = too_long
-        if not units:
-            raise DataError(f"{path}: no example fits block_size={block_size}")
-        _write_cache(cache, units, dropped)
-    report = [f"{path}: dropped {n} rows: {reason}" for reason, n in sorted(dropped.items())]
-    return units, report
-
-
-def _write_cache(path: str, units: list[Tokens] | list[PairTokens], dropped: collections.Counter) -> None:
-    """Sequences concatenated in one int32 array with their lengths; written to a temporary file, then
-    renamed. A directory we cannot write to only costs the cache."""
-    paired = isinstance(units[0], PairTokens)
-    seqs = [s for u in units for s in (u[:3] if paired else u[:2])]
-    arrays = {"tokens": np.fromiter((t for s in seqs for t in s), dtype=np.int32),
-              "lengths": np.array([len(s) for s in seqs], dtype=np.int64),
-              "desirable": np.array([False if paired else u.desirable for u in units]),
-              "paired": np.array(paired), "dropped": np.array(json.dumps(dropped))}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
-def _read_cache(path: str) -> tuple[list[Tokens] | list[PairTokens], collections.Counter]:
-    with np.load(path) as z:
-        paired, width = bool(z["paired"]), 3 if bool(z["paired"]) else 2
-        seqs = np.split(z["tokens"], np.cumsum(z["lengths"])[:-1])
-        seqs = [s.tolist() for s in seqs]
-        if paired:
-            units = [PairTokens(*seqs[i:i + 3]) for i in range(0, len(seqs), 3)]
-        else:
-            units = [Tokens(seqs[i], seqs[i + 1], bool(d)) for i, d in zip(range(0, len(seqs), width), z["desirable"])]
-        return units, collections.Counter(json.loads(str(z["dropped"])))
-
-
-# ----------------------------------------------------------------------------- the built-in task
-# Word problems "Q: Ann had 3 apples, got 4 more. Total? A:" answered by a noisy demonstrator who is
-# right with probability p_correct and otherwise usually one too many. The judge labels each answer.
-# The true utility (the share of correct answers) is what alignment should raise.
-
-NAMES = ["Ann", "Bob", "Eve", "Tom", "Sam", "Max", "Kim", "Leo", "Mia", "Zoe"]
-ITEMS = ["apples", "cats", "books", "coins", "eggs", "pens", "cards", "shells"]
-PROBLEM = re.compile(r"Q: \w+ had (\d+) \w+, got (\d+) more\. Total\? A:$")
-
-
-def judge(prompt: str, completion: str) -> float:
-    """1.0 if the completion is the correct total for the prompt's word problem, else 0.0."""
-    match = PROBLEM.search(prompt)
-    if match is None:
-        raise ValueError(f"not a problem of the built-in task: {prompt!r}")
-    return float(completion.strip() == str(int(match[1]) + int(match[2])))
-
-
-def task_prompts(max_operand: int) -> list[str]:
-    """Every prompt of the built-in task: each name, item and pair of operands once."""
-    return [f"Q: {name} had {a} {item}, got {b} more. Total? A:"
-            for name in NAMES for item in ITEMS for a in range(max_operand + 1) for b in range(max_operand + 1)]
-
-
-def demonstrate(total: int, p_correct: float, rng: random.Random) -> int:
-    """The demonstrator's answer: right with probability p_correct, else its habitual slip, one too
-    many (5 times in 6; so with p_correct below 1/2 its most common answer is wrong), or off by -1 or +2."""
-    if rng.random() < p_correct:
-        return total
-    return total + (1 if rng.random() < 5 / 6 else rng.choice([d for d in (-1, 2) if total + d >= 0]))
-
-
-def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1, max_operand: int = 4,
-                    demos: int = 1) -> tuple[list[Example] | list[Pair], list[str]]:
-    """The built-in task: judged demonstrations on training prompts, and held-out prompts.
-
-    A seeded fraction of the prompts is held out for evaluation. demos=1: one answer per training
-    prompt, one Example each. demos=k>1: the demonstrator answers each prompt k times, and a prompt
-    with a correct and a wrong answer gives one Pair (the correct answer, the first wrong one); the
-    same pairs serve DPO, KTO (split) and SFT (labels ignored). Other prompts give no pair.
-    """
-    rng = random.Random(seed)
-    prompts = task_prompts(max_operand)
-    rng.shuffle(prompts)
-    n_heldout = int(len(prompts) * heldout_fraction)
-    heldout, train = prompts[:n_heldout], prompts[n_heldout:]
-    units = []
-    for i, prompt in enumerate(train):
-        a, b = map(int, PROBLEM.search(prompt).groups())
-        answers = [demonstrate(a + b, p_correct, rng) for _ in range(demos)]
-        where = f"arithmetic task prompt {i}"
-        if demos == 1:
-            completion = f" {answers[0]}"
-            units.append(Example(prompt, completion, judge(prompt, completion) == 1.0, where))
-            continue
-        judged = {answer: judge(prompt, f" {answer}") == 1.0 for answer in answers}
-        right = [answer for answer in answers if judged[answer]]
-        wrong = [answer for answer in answers if not judged[answer]]
-        if right and wrong:
-            units.append(Pair(prompt, f" {right[0]}", f" {wrong[0]}", where))
-    return units, heldout
 
 
 # ----------------------------------------------------------------------------- the paper's data settings
@@ -487,6 +210,11 @@ def batch_indices(n: int, batch_size: int, batch: int, seed: int) -> list[int]:
     return _permutation(n, seed, epoch)[k * batch_size:(k + 1) * batch_size].tolist()
 
 
+def eval_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Held-out examples in whole batches, in order (the n % batch_size last ones left over)."""
+    return [list(range(i, i + batch_size)) for i in range(0, n - batch_size + 1, batch_size)]
+
+
 @functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -542,6 +270,13 @@ def check_kl_pairs(examples: list[Tokens], batch_size: int) -> None:
                         f"of at least {2 * m}")
 
 
+def rows(units: Units) -> list[tuple[list[int], list[int]]]:
+    """(prompt, completion) rows: one per example, two per pair (chosen, then rejected)."""
+    if units and isinstance(units[0], PairTokens):
+        return [(p.prompt, completion) for p in units for completion in (p.chosen, p.rejected)]
+    return [(ex.prompt, ex.completion) for ex in units]
+
+
 def make_batch(units: list[Tokens] | list[PairTokens], block_size: int, with_kl: bool) -> dict[str, torch.Tensor]:
     """Tensors for one global batch, built before sharding (so KL pairs are drawn from the global batch).
 
@@ -549,11 +284,9 @@ def make_batch(units: list[Tokens] | list[PairTokens], block_size: int, with_kl:
     rejected, so a contiguous shard holds whole pairs.
     """
     tags = torch.tensor([TAGS.index(u.tag) for u in units])
+    idx, targets, scored = collate(rows(units), block_size)
     if isinstance(units[0], PairTokens):
-        rows = [(p.prompt, completion) for p in units for completion in (p.chosen, p.rejected)]
-        idx, targets, scored = collate(rows, block_size)
         return {"idx": idx, "targets": targets, "scored": scored, "tag": tags.repeat_interleave(2)}
-    idx, targets, scored = collate([(ex.prompt, ex.completion) for ex in units], block_size)
     batch = {"idx": idx, "targets": targets, "scored": scored, "tag": tags,
              "desirable": torch.tensor([ex.desirable for ex in units])}
     if with_kl:

@@ -19,8 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import config
 import data
 import kto
+import metrics
+import task
 import train
 
 # The lessons' scale: about a minute a run on a 2-core CPU. The built-in task with 4 answers per prompt
@@ -39,19 +43,19 @@ SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_max_operand", "task_
 class Lab:
     """One lesson's runs: each a train.py stage from the shared SFT model of its seed, then evaluated."""
 
-    def __init__(self, lesson: str, base: train.TrainConfig, seeds: int, device: torch.device):
+    def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device):
         self.lesson, self.base, self.seeds, self.device = lesson, base, SEEDS[:seeds], device
         self.dir = os.path.join(base.out_dir, lesson)
         os.makedirs(self.dir, exist_ok=True)
 
-    def sft(self, cfg: train.TrainConfig) -> str:
+    def sft(self, cfg: config.TrainConfig) -> str:
         """The path of the SFT checkpoint for cfg's data and seed, trained on first use."""
         key = {k: getattr(cfg, k) for k in SFT_KEYS}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         out_dir = os.path.join(self.base.out_dir, "sft", f"{digest}-seed{cfg.seed}")
         os.makedirs(out_dir, exist_ok=True)
-        sft_cfg = train.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
-        _, d = train.prepare(sft_cfg, 1)
+        sft_cfg = config.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
+        _, d = train.prepare(sft_cfg)
         train.train_stage(sft_cfg, "sft", "sft", None, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
         return os.path.join(out_dir, "sft.pt")
 
@@ -67,13 +71,13 @@ class Lab:
         os.makedirs(out_dir, exist_ok=True)
         cfg = dataclasses.replace(self.base, seed=seed, out_dir=out_dir, resume=True, control=False,
                                   **{k: v for k, v in overrides.items() if k != "loss" or v != "none"})
-        train.check_config(cfg)
-        cfg, d = train.prepare(cfg, 1)
+        config.check_config(cfg)
+        cfg, d = train.prepare(cfg)
         init = None if cfg.init_from == "scratch" else self.sft(cfg)
         result = {"name": name, "seed": seed, "overrides": overrides, "report": d.report,
                   "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u}
         if overrides.get("loss") == "none":
-            model = train.build_model(cfg, init, self.device)
+            model = checkpoint.build_model(cfg, init, self.device)
         else:
             # The saturation lesson stops at the start, the middle and the end to weigh every training example.
             stops = (0, cfg.max_iters // 2, cfg.max_iters) if self.lesson == "saturation" else (cfg.max_iters,)
@@ -82,15 +86,15 @@ class Lab:
                                           progress=False)
                 if len(stops) > 1:
                     result.setdefault("weights", {})[str(stop)] = weigh(model, cfg, d.main, init, self.device)
-        result.update(sampled=train.evaluate(model, d.heldout, cfg.eval_samples, 1.0, seed, self.device, cfg.eval_tokens),
-                      greedy=train.evaluate(model, d.heldout, 1, 0.0, seed, self.device, cfg.eval_tokens))
+        result.update(sampled=task.evaluate(model, d.heldout, cfg.eval_samples, 1.0, seed, self.device, cfg.eval_tokens),
+                      greedy=task.evaluate(model, d.heldout, 1, 0.0, seed, self.device, cfg.eval_tokens))
         if overrides.get("contradict"):  # what became of the contradicted prompts, against the others of training
             tagged = {}
             for u in d.main:
                 tagged.setdefault(data.get_tokenizer().decode(u.prompt), set()).add(u.tag)
             for group in ("contradicted", "clean"):
                 prompts = [p for p, tags in tagged.items() if tags == {group}]
-                result[f"greedy_{group}_prompts"] = train.evaluate(model, prompts, 1, 0.0, seed, self.device, cfg.eval_tokens)
+                result[f"greedy_{group}_prompts"] = task.evaluate(model, prompts, 1, 0.0, seed, self.device, cfg.eval_tokens)
         with open(path, "w") as f:
             json.dump(result, f)
         return result
@@ -107,7 +111,7 @@ class Lab:
         bar.close()
         return results
 
-    def metrics(self, name: str, seed: int) -> list[dict]:
+    def rows(self, name: str, seed: int) -> list[dict]:
         """The training rows of one run, the last written for each iteration (a resumed run repeats some)."""
         rows = {}
         with open(os.path.join(self.dir, f"{name}-seed{seed}", "metrics.jsonl")) as f:
@@ -124,20 +128,19 @@ class Lab:
 
 
 @torch.no_grad()
-def weigh(model: torch.nn.Module, cfg: train.TrainConfig, units: list[data.Tokens], init: str | None,
+def weigh(model: torch.nn.Module, cfg: config.TrainConfig, units: list[data.Tokens], init: str | None,
           device: torch.device) -> dict[str, list]:
-    """z, the Prop. 4.1 weight and `saturated` of the training examples under `model` (KTO), in batches of
-    the run's size taken in order (the last incomplete batch left out)."""
-    reference = train.build_model(cfg, init, device).eval()
+    """z, the Prop. 4.1 weight and `saturated` of the training examples under `model` (KTO), in whole
+    batches taken in order, and each one's group."""
+    reference = checkpoint.build_model(cfg, init, device).eval()
     model.eval()
     out: dict[str, list] = {"z": [], "weight": [], "saturated": [], "group": []}
-    for i in range(0, len(units) - cfg.batch_size + 1, cfg.batch_size):
-        batch = data.make_batch(units[i:i + cfg.batch_size], cfg.block_size, with_kl=True)
-        _, stats = train.compute_loss(model, reference, train.to_device(data.shard(batch, 0, 1), device), cfg, "kto")
+    for number, indices in enumerate(data.eval_batches(len(units), cfg.batch_size)):
+        batch = train.load_batch(units, indices, number, cfg, "kto", 0, 1, device, None)
+        _, stats = train.compute_loss(model, reference, batch, cfg, "kto")
         for key in ("z", "weight", "saturated"):
             out[key] += stats[key].tolist()
-        out["group"] += [u.tag if u.tag != "clean" else "desirable" if u.desirable else "undesirable"
-                         for u in units[i:i + cfg.batch_size]]
+        out["group"] += [metrics.group_of(data.TAGS.index(units[i].tag), units[i].desirable) for i in indices]
     model.train()
     return out
 
@@ -219,7 +222,7 @@ def over_training(lab: Lab, name: str, groups: tuple[str, ...], key: str) -> np.
     per_seed = []
     for seed in lab.seeds:
         values = []
-        for row in lab.metrics(name, seed):
+        for row in lab.rows(name, seed):
             present = [row["groups"][g] for g in groups if g in row.get("groups", {})]
             n = sum(g["n"] for g in present)
             values.append(sum(g["n"] * g[key] for g in present) / n if n else np.nan)
@@ -417,7 +420,7 @@ def lesson_beta(lab: Lab) -> None:
     print(f"\n{'run':<16}{'saturated, mean over training (%)':>36}")
     for b in betas:
         name = f"KTO beta={b}"
-        sat = [np.mean([r["saturated"] for r in lab.metrics(name, s)]) for s in lab.seeds]
+        sat = [np.mean([r["saturated"] for r in lab.rows(name, s)]) for s in lab.seeds]
         numbers["saturated"][name] = sat
         print(f"{name:<16}{spread(sat):>36}")
     lab.save(numbers)
@@ -479,7 +482,7 @@ def main() -> None:
             seeds = int(value)
         else:
             overrides.append(arg)
-    base = train.parse_config([f"--{k}={v}" for k, v in LESSON_DEFAULTS.items()] + overrides)
+    base = config.parse_config([f"--{k}={v}" for k, v in LESSON_DEFAULTS.items()] + overrides)
     _, _, device = train.setup_distributed(base)
     print(f"lesson {lesson}: seeds {', '.join(map(str, SEEDS[:seeds]))}; device {device}, torch {torch.__version__}")
     try:

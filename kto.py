@@ -8,10 +8,9 @@ Every function is pure apart from the all-reduce in `kl_reference_point`, which 
 processes that share a batch.
 
 The losses return (loss, stats). Stats of 0 dimensions are sums and counts, which add up across
-micro-batches and ranks; stats of 1 dimension are per example (per pair for DPO): z, the gradient
-weight of Prop. 4.1 and whether it is saturated.
+micro-batches and ranks (metrics.py turns them into means); stats of 1 dimension are per example (per
+pair for DPO): z, the gradient weight of Prop. 4.1 and whether it is saturated.
 """
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -176,45 +175,3 @@ def advised_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float]
     if ratio > 4 / 3:
         return 1.0, ratio * 3 / 4
     return 1.0, 1.0
-
-
-def summarize(sums: dict[str, float]) -> dict[str, float | None]:
-    """Turn summed stats (over micro-batches and ranks) into means; None where a class is empty."""
-    def mean(key: str, count: str) -> float | None:
-        return sums[key] / sums[count] if sums.get(count) else None
-
-    out = {"loss": mean("loss_sum", "n")}
-    if "n_batches" in sums:
-        out.update(kl_raw=mean("kl_raw_sum", "n_batches"), z_ref=mean("z_ref_sum", "n_batches"))
-    if "n_desirable" in sums:
-        out.update(
-            reward_desirable=mean("reward_desirable_sum", "n_desirable"),
-            reward_undesirable=mean("reward_undesirable_sum", "n_undesirable"),
-            n_desirable=sums["n_desirable"],
-            n_undesirable=sums["n_undesirable"],
-        )
-        if out["reward_desirable"] is not None and out["reward_undesirable"] is not None:
-            out["margin"] = out["reward_desirable"] - out["reward_undesirable"]
-    if "n_ordered" in sums:
-        out.update(reward_chosen=mean("reward_chosen_sum", "n"), reward_rejected=mean("reward_rejected_sum", "n"),
-                   ordered=mean("n_ordered", "n"))
-        out["margin"] = out["reward_chosen"] - out["reward_rejected"]
-    if "grad_weight_sum" in sums:
-        out.update(grad_weight=mean("grad_weight_sum", "n"), saturated=mean("n_saturated", "n"))
-    return out
-
-
-def group_summary(z: np.ndarray, weight: np.ndarray, saturated: np.ndarray, group: list[str],
-                  names: tuple[str, ...]) -> dict[str, dict]:
-    """Per group of examples, in the order of `names`: how many, their mean gradient weight, the share
-    saturated, and the 10/50/90% quantiles of z. group[i] names example i's group."""
-    group = np.asarray(group)
-    out = {}
-    for name in names:
-        mask = group == name
-        if not mask.any():
-            continue
-        q10, q50, q90 = np.quantile(z[mask], [0.1, 0.5, 0.9]).tolist()
-        out[name] = {"n": int(mask.sum()), "grad_weight": float(weight[mask].mean()),
-                     "saturated": float(saturated[mask].mean()), "z_q10": q10, "z_q50": q50, "z_q90": q90}
-    return out

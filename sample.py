@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import checkpoint
+import config
 import data
 import train
 
@@ -86,10 +88,10 @@ def sample(model: torch.nn.Module, prompt: str, cfg: SampleConfig, device: torch
 
 def main() -> None:
     cfg = parse_args(sys.argv[1:])
-    run = train.TrainConfig(device=cfg.device, block_size=1)  # build_model needs only the device and dropout 0
-    train.check_config(run)
+    run = config.TrainConfig(device=cfg.device, block_size=1)  # build_model needs only the device and dropout 0
+    config.check_config(run)
     _, _, device = train.setup_distributed(run)
-    models = {path: train.build_model(run, path, device).eval() for path in cfg.checkpoints}
+    models = {path: checkpoint.build_model(run, path, device).eval() for path in cfg.checkpoints}
     width = max(len(path) for path in models)
     for prompt in cfg.prompts:
         print("=" * 80)

@@ -1,8 +1,4 @@
-"""Tokenizer, JSONL reading, the built-in task and batching."""
-import gzip
-import json
-import os
-import re
+"""The tokenizer, the paper's data settings, batches and the in-batch KL pairs."""
 import socket
 from collections import Counter
 
@@ -26,55 +22,6 @@ def test_tokenizer_works_offline(monkeypatch, tmp_path):
     assert enc.decode(enc.encode_ordinary("KTO: déjà vu 123")) == "KTO: déjà vu 123"
 
 
-def write_jsonl(path, lines):
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def test_read_jsonl_reads_labels_as_booleans(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        json.dumps({"prompt": "Q: 1+1?", "completion": " 2", "label": True}),
-        "",
-        json.dumps({"prompt": "Q: 1+1?", "completion": " 3", "label": False, "id": 7}),
-    ])
-    examples, dropped = data.read_jsonl(path)
-    assert [(e.completion, e.desirable) for e in examples] == [(" 2", True), (" 3", False)] and not dropped
-    assert examples[1].where == f"{path}:3"
-
-
-@pytest.mark.parametrize("line, expected", [
-    ('{"prompt": "a", "completion": "b", "label": tru', "malformed JSON"),
-    ('{"prompt": "a", "label": true}', "field 'completion' is missing"),
-    ('{"completion": "b", "label": true}', "field 'prompt' is missing"),
-    ('{"prompt": "a", "completion": "b"}', "field 'label' is missing"),
-    ('{"prompt": "a", "completion": "b", "label": 1}', "field 'label': expected a JSON boolean"),
-    ('{"prompt": "a", "completion": "b", "label": "true"}', "field 'label': expected a JSON boolean"),
-    ('{"prompt": "a", "completion": "b", "label": null}', "field 'label': expected a JSON boolean"),
-    ('{"prompt": "a", "completion": "", "label": true}', "field 'completion': expected a non-empty string"),
-    ('{"prompt": 5, "completion": "b", "label": true}', "field 'prompt': expected a non-empty string"),
-    ('["a", "b", true]', "expected a JSON object"),
-])
-def test_read_jsonl_rejects_bad_lines_naming_file_line_and_field(tmp_path, line, expected):
-    good = json.dumps({"prompt": "a", "completion": "b", "label": True})
-    path = write_jsonl(tmp_path / "bad.jsonl", [good, line])
-    with pytest.raises(data.DataError) as err:
-        data.read_jsonl(path)
-    assert str(err.value).startswith(f"{path}:2: ")
-    assert expected in str(err.value)
-
-
-def test_read_jsonl_rejects_invalid_utf8_and_empty_files(tmp_path):
-    path = tmp_path / "bin.jsonl"
-    path.write_bytes(b'{"prompt": "a", "completion": "b", "label": true}\n\xff\xfe\n')
-    with pytest.raises(data.DataError, match=r"bin.jsonl:2: not valid UTF-8"):
-        data.read_jsonl(str(path))
-    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
-    with pytest.raises(data.DataError, match="no examples"):
-        data.read_jsonl(empty)
-    with pytest.raises(data.DataError, match=r"missing.jsonl: cannot open"):
-        data.read_jsonl(str(tmp_path / "missing.jsonl"))
-
-
 def test_a_completion_that_cannot_fit_is_dropped_and_counted():
     ex = data.Example("prompt", " one two three four five", True, "f.jsonl:4")  # 5 tokens and EOT
     pair = data.Pair("prompt", " one", " one two three four five", "f.jsonl:5")
@@ -82,27 +29,6 @@ def test_a_completion_that_cannot_fit_is_dropped_and_counted():
     assert data.tokenize([pair], block_size=5) == ([], 1)  # one completion too long drops the pair
     units, dropped = data.tokenize([ex], block_size=6)
     assert len(units[0].completion) == 6 and dropped == 0
-
-
-def test_judge_and_task():
-    prompt = "Q: Ann had 3 apples, got 5 more. Total? A:"
-    assert data.judge(prompt, " 8") == 1.0 and data.judge(prompt, "8 ") == 1.0
-    assert data.judge(prompt, " 9") == 0.0 and data.judge(prompt, " 8 apples") == 0.0
-    with pytest.raises(ValueError):
-        data.judge("What is 3+5?", " 8")
-
-    examples, heldout = data.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
-    again, _ = data.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
-    assert examples == again
-    train_prompts = {e.prompt for e in examples}
-    assert len(heldout) == 1600 and len(train_prompts) == len(examples) == 6400
-    assert not train_prompts & set(heldout)
-    for e in examples:  # labels checked against the sum computed here, not by the judge
-        words = e.prompt.split()
-        total = int(words[3]) + int(words[6])
-        assert e.desirable == (int(e.completion) == total)
-        assert abs(int(e.completion) - total) <= 2
-    assert 0.27 < sum(e.desirable for e in examples) / len(examples) < 0.33
 
 
 def test_collate_masks_completion_and_eot_and_truncates_prompt_left():
@@ -243,119 +169,3 @@ def test_pairs_split_and_pair_up():
     batch = data.make_batch(pairs, block_size=8, with_kl=False)
     assert batch["targets"][batch["scored"]].tolist() == [2, data.EOT, 3, data.EOT, 5, data.EOT, 6, data.EOT]
     assert batch["tag"].tolist() == [0, 0, 1, 1]
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-HH_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant:"
-
-
-def test_every_published_shape_reads_as_the_documented_pair(tmp_path):
-    """Plain pairs, HH-RLHF transcripts (several turns), TRL's conversational shapes with an explicit or an
-    implicit prompt, and an UltraFeedback-binarized row, against the template written out by hand."""
-    chat = [{"role": "system", "content": "Be brief."}, user("Name a fruit.")]
-    chat_prompt = "\n\nSystem: Be brief.\n\nHuman: Name a fruit.\n\nAssistant:"
-    rows = [
-        {"prompt": "Q: x? A:", "chosen": " yes", "rejected": " no"},
-        {"chosen": HH_PROMPT + " An apple.", "rejected": HH_PROMPT + " A chair."},
-        {"prompt": chat, "chosen": [assistant("Apple.")], "rejected": [assistant("Chair.")]},
-        {"chosen": chat + [assistant("Apple.")], "rejected": chat + [assistant("Chair.")]},
-        {"prompt": "Name a fruit.", "prompt_id": "abc", "chosen": [user("Name a fruit."), assistant("Apple.")],
-         "rejected": [user("Name a fruit."), assistant("Chair.")], "messages": [], "score_chosen": 8.0, "score_rejected": 2.0},
-    ]
-    path = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(r) for r in rows])
-    pairs, dropped = data.read_jsonl(path)
-    assert not dropped
-    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
-        ("Q: x? A:", " yes", " no"),
-        (HH_PROMPT, " An apple.", " A chair."),
-        (chat_prompt, " Apple.", " Chair."),
-        (chat_prompt, " Apple.", " Chair."),
-        ("\n\nHuman: Name a fruit.\n\nAssistant:", " Apple.", " Chair."),
-    ]
-    unpaired = write_jsonl(tmp_path / "u.jsonl", [json.dumps({"prompt": chat, "completion": [assistant("Apple.")], "label": True})])
-    assert data.read_jsonl(unpaired)[0] == [data.Example(chat_prompt, " Apple.", True, f"{unpaired}:1")]
-
-
-def test_gzip_reads_like_plain_and_a_truncated_gzip_is_one_error(tmp_path):
-    lines = [json.dumps({"chosen": HH_PROMPT + f" Fruit {i}.", "rejected": HH_PROMPT + " A chair."}) for i in range(400)]
-    plain = write_jsonl(tmp_path / "hh.jsonl", lines)
-    packed = tmp_path / "hh.jsonl.gz"
-    packed.write_bytes(gzip.compress(open(plain, "rb").read()))
-    assert [(p.prompt, p.chosen) for p in data.read_jsonl(str(packed))[0]] == [(p.prompt, p.chosen) for p in data.read_jsonl(plain)[0]]
-    cut = tmp_path / "cut.jsonl.gz"
-    cut.write_bytes(packed.read_bytes()[:len(packed.read_bytes()) // 2])
-    with pytest.raises(data.DataError, match=rf"^{re.escape(str(cut))}: truncated or corrupt gzip file"):
-        data.read_jsonl(str(cut))
-
-
-@pytest.mark.parametrize("row, expected", [
-    ({"prompt": [{"role": "robot", "content": "hi"}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
-     "field 'prompt', message 0: expected a role of system, user, assistant"),
-    ({"prompt": [{"role": "user"}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
-     "field 'prompt', message 0: expected a string 'content'"),
-    ({"prompt": [user("q")], "chosen": [assistant("a"), user("more")], "rejected": [assistant("b")]},
-     "field 'chosen': expected one non-empty assistant reply"),
-    ({"prompt": [user("q")], "chosen": "a", "rejected": [assistant("b")]}, "field 'chosen': expected a non-empty list"),
-    ({"chosen": "no turns here", "rejected": "none here"}, "field 'chosen': expected an HH-RLHF transcript"),
-    ({"chosen": [assistant("a")], "rejected": [assistant("b")]}, "share no prompt turns"),
-    ({"text": "hello"}, "expected fields prompt, completion, label (unpaired) or chosen, rejected"),
-    ({"prompt": "q", "completion": " a", "label": True}, "an unpaired row in a file whose first row"),
-])
-def test_malformed_rows_are_one_error_naming_file_line_and_field(tmp_path, row, expected):
-    good = json.dumps({"prompt": "q", "chosen": " a", "rejected": " b"})
-    path = write_jsonl(tmp_path / "bad.jsonl", [good, json.dumps(row)])
-    with pytest.raises(data.DataError) as err:
-        data.read_jsonl(path)
-    assert str(err.value).startswith(f"{path}:2: ") and expected in str(err.value)
-    assert "\n" not in str(err.value)
-
-
-def test_rows_dropped_for_a_reason_are_counted_and_reported(tmp_path):
-    rows = [{"prompt": "q", "chosen": " same", "rejected": " same"},
-            {"chosen": HH_PROMPT + " An apple.", "rejected": "\n\nHuman: Other.\n\nAssistant: A chair."},
-            {"chosen": HH_PROMPT + " An apple.", "rejected": HH_PROMPT},
-            {"prompt": "q", "chosen": " one two three four five six seven eight nine ten", "rejected": " no"},
-            {"prompt": "q", "chosen": " yes", "rejected": " no"}]
-    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
-    units, report = data.load_file(path, block_size=8, progress=False)
-    assert units == [data.PairTokens(data.get_tokenizer().encode_ordinary("q"), [3763, data.EOT], [645, data.EOT])]
-    assert report == [f"{path}: dropped 1 rows: HH-RLHF transcripts that differ before their last reply",
-                      f"{path}: dropped 1 rows: a completion longer than block_size=8 tokens with EOT",
-                      f"{path}: dropped 1 rows: an empty last reply",
-                      f"{path}: dropped 1 rows: chosen identical to rejected"]
-
-
-def test_the_token_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    lines = [json.dumps({"prompt": f"Q{i}", "completion": f" A{i}", "label": i % 2 == 0}) for i in range(50)]
-    path = write_jsonl(tmp_path / "c.jsonl", lines)
-    first, _ = data.load_file(path, block_size=16, progress=False)
-    assert len(os.listdir(tmp_path / ".kto_cache")) == 1
-    reads = []
-    real = data.read_jsonl
-    monkeypatch.setattr(data, "read_jsonl", lambda p: reads.append(p) or real(p))
-    assert data.load_file(path, block_size=16, progress=False)[0] == first and reads == []  # from the cache
-    data.load_file(path, block_size=12, progress=False)  # another block_size
-    assert len(reads) == 1
-    write_jsonl(tmp_path / "c.jsonl", lines[:-1] + [json.dumps({"prompt": "Q", "completion": " changed", "label": True})])
-    changed, _ = data.load_file(path, block_size=16, progress=False)  # another content
-    assert len(reads) == 2 and changed[-1].completion != first[-1].completion
-    monkeypatch.setattr(data, "GPT2_PATTERN", data.GPT2_PATTERN + "|x")  # another tokenizer
-    data.load_file(path, block_size=16, progress=False)
-    assert len(reads) == 3
-
-
-def test_task_with_several_answers_gives_correct_and_wrong_pairs():
-    pairs, heldout = data.arithmetic_task(seed=3, demos=4)
-    assert 0.75 * 1800 < len(pairs) < 0.95 * 1800  # 1 - 0.4^4 - 0.6^4 = 0.845 of the prompts have both kinds
-    for p in pairs:
-        words = p.prompt.split()
-        total = int(words[3]) + int(words[6])
-        assert int(p.chosen) == total and int(p.rejected) != total
-    assert len({p.prompt for p in pairs}) == len(pairs) and not {p.prompt for p in pairs} & set(heldout)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kto
+import metrics
 
 
 def sigmoid(x: float) -> float:
@@ -38,7 +39,7 @@ def test_loss_matches_eq7_by_hand():
     loss, stats = kto.kto_loss(torch.tensor(POLICY, dtype=torch.float64), torch.tensor(REFERENCE, dtype=torch.float64),
                                *kl_pairs_with_mean(z_ref), torch.tensor(DESIRABLE), beta, lambda_d, lambda_u)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
-    summary = kto.summarize(sums(stats))
+    summary = metrics.summarize(sums(stats))
     assert summary["loss"] == pytest.approx(expected, rel=1e-12)
     assert summary["n_desirable"] == 3 and summary["n_undesirable"] == 2
     assert summary["reward_desirable"] == pytest.approx((1.0 - 1.5 + 5.0) / 3)
@@ -120,7 +121,7 @@ def test_sequence_logps_sums_only_masked_tokens():
 def test_summary_of_a_one_class_batch_has_no_nan():
     _, stats = kto.kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([-1.0, -2.0]),
                             torch.tensor([-1.0, -2.0]), torch.tensor([True, True]))
-    summary = kto.summarize(sums(stats))
+    summary = metrics.summarize(sums(stats))
     assert summary["reward_undesirable"] is None and "margin" not in summary
     assert summary["reward_desirable"] == pytest.approx(-0.25)
 
@@ -161,7 +162,7 @@ def test_dpo_loss_matches_its_formula_by_hand():
     loss, stats = kto.dpo_loss(*(torch.tensor(x, dtype=torch.float64) for x in (CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED)),
                                beta)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
-    summary = kto.summarize(sums(stats))
+    summary = metrics.summarize(sums(stats))
     assert summary["loss"] == pytest.approx(expected, rel=1e-12)
     assert summary["reward_chosen"] == pytest.approx(sum(c - rc for c, rc in zip(CHOSEN, REF_CHOSEN)) / 4)
     assert summary["reward_rejected"] == pytest.approx(sum(r - rr for r, rr in zip(REJECTED, REF_REJECTED)) / 4)
@@ -201,7 +202,7 @@ def test_group_summary_by_hand():
     z = np.array([-3.0, 1.0, 2.0, 0.5, 10.0])
     weight = np.array([0.1, 0.2, 0.3, 0.4, 0.0])
     saturated = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
-    out = kto.group_summary(z, weight, saturated, ["desirable", "flipped", "desirable", "desirable", "flipped"],
+    out = metrics.group_summary(z, weight, saturated, ["desirable", "flipped", "desirable", "desirable", "flipped"],
                             ("desirable", "undesirable", "flipped"))
     assert list(out) == ["desirable", "flipped"]
     assert out["desirable"]["n"] == 3 and out["desirable"]["grad_weight"] == pytest.approx((0.1 + 0.3 + 0.4) / 3)

@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import config
 import data
+import dataset
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,13 +129,13 @@ def test_jsonl_training_and_bad_input_errors(tmp_path):
 def test_config_parsing(tmp_path):
     preset = tmp_path / "p.json"
     preset.write_text(json.dumps({"lr": 0.001, "n_layer": 3, "control": False}))
-    cfg = train.parse_config([str(preset), "--lr=.0002", "--resume=True", "--data=x.jsonl", "--beta=1"])
+    cfg = config.parse_config([str(preset), "--lr=.0002", "--resume=True", "--data=x.jsonl", "--beta=1"])
     assert (cfg.lr, cfg.n_layer, cfg.control, cfg.resume, cfg.data, cfg.beta) == (2e-4, 3, False, True, "x.jsonl", 1.0)
-    assert cfg.lambda_d is None and train.parse_config(["--lambda_d=2"]).lambda_d == 2.0
-    assert train.parse_config(["--lambda_d=2", "--lambda_d=none"]).lambda_d is None
+    assert cfg.lambda_d is None and config.parse_config(["--lambda_d=2"]).lambda_d == 2.0
+    assert config.parse_config(["--lambda_d=2", "--lambda_d=none"]).lambda_d is None
     preset.write_text(json.dumps({"n_layer": 2.0}))
     with pytest.raises(SystemExit, match="'n_layer' expects int, got 2.0"):
-        train.parse_config([str(preset)])
+        config.parse_config([str(preset)])
     for bad, message in [("--nope=1", "unknown config key 'nope'"), ("--n_layer=2.5", "'n_layer' expects int"),
                          ("--resume=yes", "'resume' expects bool"), ("--lr", "expected --key=value"),
                          ("--loss=orpo", "loss='orpo': expected 'kto', 'dpo' or 'sft'"),
@@ -148,19 +151,19 @@ def test_config_parsing(tmp_path):
                          ("--device=gpu", "device='gpu'"),
                          ("--loss=sft", "init_from='sft': expected 'scratch' or a checkpoint")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
-            train.parse_config(bad.split())
+            config.parse_config(bad.split())
 
 
 def test_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
     path = str(tmp_path / "kto.pt")
-    train.save_checkpoint(path, {"iter": 1})
+    checkpoint.save(path, {"iter": 1})
 
     def crash(obj, f):
         f.write(b"partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"iter": 2})
+        checkpoint.save(path, {"iter": 2})
     assert torch.load(path, weights_only=True) == {"iter": 1}
 
 
@@ -170,7 +173,7 @@ def test_flipped_examples_are_followed_in_the_metrics(tmp_path):
                    "--log_interval=4", f"--out_dir={tmp_path}"]
     result = run(args)
     assert re.search(r"label_noise=0.25: 1800 examples: \d+ desirable, \d+ undesirable \(450 flipped\)", result.stdout)
-    cfg, d = train.prepare(train.parse_config(args), 1)
+    cfg, d = train.prepare(config.parse_config(args))
     rows = metrics(tmp_path, "kto")
     assert [r["iter"] for r in rows] == list(range(1, 7))  # one row per step, written at intervals
     for it, row in enumerate(rows):
@@ -332,8 +335,8 @@ def test_eval_batches_are_checked_for_kl_pairs_before_training(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = ["--block_size=32", f"--data={path}", "--eval_fraction=0.2", "--batch_size=8"]
-    units, _ = data.load_file(str(path), 32, progress=False)
+    units, _ = dataset.load_file(str(path), 32, progress=False)
     same = tuple(units[0].prompt)
     seed = next(s for s in range(1000) if any(tuple(u.prompt) == same for u in data.split_by_prompt(units, 0.2, s)[1]))
     with pytest.raises(data.DataError, match="one prompt has 8 examples.*batch_size of at least 16"):
-        train.prepare(train.parse_config(base + [f"--seed={seed}"]), 1)
+        train.prepare(config.parse_config(base + [f"--seed={seed}"]))

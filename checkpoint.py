@@ -1,0 +1,93 @@
+"""Checkpoints: written so that a crash never loses one, read back with one clear line on failure, and
+recognised on resume by what the stage depends on. A model is built fresh, from one of ours, or from a
+Hugging Face GPT-2 checkpoint.
+"""
+import hashlib
+import os
+import pickle
+
+import torch
+
+from config import TrainConfig
+from model import GPT, GPTConfig
+
+
+def save(path: str, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash while saving leaves the old checkpoint intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "iter", "model_args", "settings", "data", "start")
+
+
+def read(path: str, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint written by this script; anything else ends the run with one line."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: not a checkpoint (no such file)") from None
+    except Exception as e:  # its message can run to many lines (weights_only advice): the type says enough
+        raise SystemExit(f"error: {path}: not a checkpoint written by train.py (torch.load: {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt:
+        raise SystemExit(f"error: {path}: not a checkpoint written by train.py (no model_args)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} was written by an older train.py (no {', '.join(missing)}); "
+                         f"start it again in another out_dir")
+    return ckpt
+
+
+def hugging_face(path: str) -> bool:
+    """A Hugging Face GPT-2 checkpoint (a directory, a .safetensors or a .bin file), not one of ours."""
+    return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
+
+
+def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT:
+    """A fresh GPT (seeded identically on every rank), or the model of a checkpoint: a Hugging Face GPT-2 (a
+    directory, a .safetensors or a .bin file) or ours (any other file). The run's dropout governs every model."""
+    if init is None:
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    elif not hugging_face(init):
+        ckpt = read(init)
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": cfg.dropout}))
+        model.load_state_dict(ckpt["model"])
+    else:
+        if not os.path.exists(init):
+            raise SystemExit(f"error: {init}: no such checkpoint")
+        try:
+            model = GPT.from_pretrained(init, dropout=cfg.dropout)
+        except ValueError as e:
+            raise SystemExit(f"error: {e} (expected a Hugging Face GPT-2: a directory with config.json and "
+                             f"model.safetensors or pytorch_model.bin, or one such file)") from None
+    if cfg.block_size > model.config.block_size:
+        raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {model.config.block_size}, "
+                         f"the context of {init}")
+    return model.to(device)
+
+
+def fingerprint(obj) -> str:
+    """A short hash of a model's weights or of a stage's training data, to recognise them on resume."""
+    digest = hashlib.sha256()
+    if isinstance(obj, torch.nn.Module):
+        for name, t in obj.state_dict().items():
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(pickle.dumps(obj))
+    return digest.hexdigest()[:16]
+
+
+def stage_settings(cfg: TrainConfig, loss_name: str, lr_key: str) -> dict:
+    """The settings a stage's checkpoint must share with a run that resumes it (data and start weights are
+    compared by fingerprint); iterations, intervals, device and evaluation may change."""
+    keys = ["seed", "block_size", "batch_size", "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip",
+            "warmup_iters", "dropout", lr_key]
+    keys += {"kto": ["beta", "lambda_d", "lambda_u"], "dpo": ["beta"], "sft": []}[loss_name]
+    return {key: getattr(cfg, key) for key in keys}
