@@ -44,6 +44,7 @@ class BenchConfig:
     warmup: int = 10
     steps: int = 50
     seed: int = 0
+    profile: bool = False  # then profile a few KTO steps and print the operators that take the most time
 
 
 def parse(args: list[str]) -> BenchConfig:
@@ -133,6 +134,15 @@ def main() -> None:
             line += f"  {flops / ms * 1000 / 1e12:7.1f} TFLOP/s" + (f"  MFU {100 * flops / ms * 1000 / peak:5.1f}%" if peak else "")
         print(line)
         results[f"{name}_ms"] = round(ms, 3)
+    if b.profile:
+        kind = "device" if device.type == "cuda" else "cpu"
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if kind == "device" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                train.train_step(policy, model, frozen, optimizer, [on_device], cfg, "kto", 1)
+            sync()
+        print(f"where 5 KTO steps spend their time ({kind} time, by operator):")
+        print(prof.key_averages().table(sort_by=f"self_{kind}_time_total", row_limit=20))
     results["ratio_kto"] = round(results["kto_ms"] / results["sft_ms"], 3)
     results["ratio_kto_precomputed"] = round(results["kto_precomputed_ms"] / results["sft_ms"], 3)
     print(f"ratio_kto {results['ratio_kto']:.2f} (floor 2), ratio_kto_precomputed {results['ratio_kto_precomputed']:.2f} (floor 1.33)")

@@ -10,9 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_prints_its_json_line():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "bench.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8",
-                             "--steps=2", "--warmup=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             "--steps=2", "--warmup=1", "--profile=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "aten::mm" in result.stdout.split("where 5 KTO steps spend their time")[1]  # the profile's table
     assert set(numbers) == {"sft_ms", "kto_ms", "kto_precomputed_ms", "ratio_kto", "ratio_kto_precomputed"}
     assert abs(numbers["ratio_kto"] - numbers["kto_ms"] / numbers["sft_ms"]) < 0.01
     bad = subprocess.run([sys.executable, "bench.py", "--dtype=bfloat16"], cwd=ROOT, env=env, capture_output=True, text=True)
