@@ -5,9 +5,11 @@
     python experiments.py dpo --seeds=1 --max_iters=100 --device=cuda   # any train.py setting after the lesson
 
 Lessons: value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict (see LESSONS).
-Each trains with train.py's own functions, shares one SFT stage per seed and data set, skips runs already
-finished (their result.json exists), prints its table (mean and min-max over seeds) and writes
-out_dir/LESSON/LESSON.json and LESSON.png. Figures need matplotlib; without it the numbers still come.
+Each trains with train.py's own functions, shares one SFT stage per seed and data set, keeps every run in
+out_dir/runs/ under a digest of its settings (a run finished by any lesson is not trained again; a changed
+setting makes a new run), prints its table (mean and min-max over seeds) and writes out_dir/LESSON/LESSON.json
+and LESSON.png. Figures need matplotlib; without it the numbers still come. The lessons set seed, resume,
+control and init_from themselves; --seeds=N takes the first N of SEEDS.
 """
 import dataclasses
 import hashlib
@@ -33,62 +35,77 @@ LESSON_DEFAULTS = {"task_demos": 4, "sft_iters": 500, "max_iters": 300, "eval_sa
                    "out_dir": "out-lessons"}
 SEEDS = (1337, 1, 2, 3, 4, 5, 6, 7, 8, 9)
 # What the SFT stage depends on: runs that agree on these share it.
-SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_max_operand", "task_demos", "seed", "n_layer", "n_head",
-            "n_embd", "block_size", "dropout", "bias", "sft_iters", "sft_lr", "batch_size", "grad_accum",
-            "weight_decay", "beta1", "beta2", "grad_clip", "warmup_iters", "device")
+SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_max_operand", "task_demos", "eval_fraction", "seed", "n_layer",
+            "n_head", "n_embd", "block_size", "dropout", "bias", "sft_init", "sft_iters", "sft_lr", "batch_size",
+            "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_iters", "device")
+# Settings each lesson sets for its runs: the command line cannot change them.
+LESSON_KEYS = ("seed", "resume", "control", "init_from")
+
+
+def digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- runs
 
 class Lab:
-    """One lesson's runs: each a train.py stage from the shared SFT model of its seed, then evaluated."""
+    """One lesson's runs: each a train.py stage from the shared SFT model of its seed, then evaluated.
+
+    Runs live in out_dir/runs/, named by a digest of all their settings: a run is trained once, whichever
+    lesson asks for it first, and a changed setting makes a new run."""
 
     def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device):
         self.lesson, self.base, self.seeds, self.device = lesson, base, SEEDS[:seeds], device
-        self.dir = os.path.join(base.out_dir, lesson)
+        self.dir = os.path.join(base.out_dir, lesson)  # the lesson's table and figure
+        self.dirs: dict[tuple[str, int], str] = {}  # (run name, seed) -> its folder in out_dir/runs
         os.makedirs(self.dir, exist_ok=True)
 
     def sft(self, cfg: config.TrainConfig) -> str:
         """The path of the SFT checkpoint for cfg's data and seed, trained on first use."""
         key = {k: getattr(cfg, k) for k in SFT_KEYS}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        out_dir = os.path.join(self.base.out_dir, "sft", f"{digest}-seed{cfg.seed}")
+        out_dir = os.path.join(self.base.out_dir, "sft", f"{digest(key)}-seed{cfg.seed}")
         os.makedirs(out_dir, exist_ok=True)
         sft_cfg = config.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
         _, d = train.prepare(sft_cfg)
-        train.train_stage(sft_cfg, "sft", "sft", None, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
+        init = None if cfg.sft_init == "scratch" else cfg.sft_init
+        train.train_stage(sft_cfg, "sft", "sft", init, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
         return os.path.join(out_dir, "sft.pt")
 
-    def run(self, name: str, seed: int, **overrides) -> dict:
+    def run(self, name: str, seed: int, weigh: bool = False, **overrides) -> dict:
         """Train one run (loss and settings from overrides) and evaluate it; cached in its result.json.
 
-        loss="none" evaluates the SFT start itself."""
-        out_dir = os.path.join(self.dir, f"{name}-seed{seed}")
+        loss="none" evaluates the SFT start itself. weigh: also record z, weight and `saturated` of every
+        training example at the start, the middle and the end (the saturation lesson)."""
+        start_only = overrides.get("loss") == "none"
+        cfg = dataclasses.replace(self.base, seed=seed, resume=True, control=False,
+                                  **{k: v for k, v in overrides.items() if not (k == "loss" and start_only)})
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+        out_dir = os.path.join(self.base.out_dir, "runs", f"{digest({**settings, 'start_only': start_only, 'weigh': weigh})}-seed{seed}")
+        self.dirs[name, seed] = out_dir
         path = os.path.join(out_dir, "result.json")
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
         os.makedirs(out_dir, exist_ok=True)
-        cfg = dataclasses.replace(self.base, seed=seed, out_dir=out_dir, resume=True, control=False,
-                                  **{k: v for k, v in overrides.items() if k != "loss" or v != "none"})
+        cfg = dataclasses.replace(cfg, out_dir=out_dir)
         config.check_config(cfg)
         cfg, d = train.prepare(cfg)
         init = None if cfg.init_from == "scratch" else self.sft(cfg)
-        result = {"name": name, "seed": seed, "overrides": overrides, "report": d.report,
+        result = {"name": name, "seed": seed, "settings": settings, "start_only": start_only, "report": d.report,
                   "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u}
-        if overrides.get("loss") == "none":
+        if start_only:
             model = checkpoint.build_model(cfg, init, self.device)
         else:
-            # The saturation lesson stops at the start, the middle and the end to weigh every training example.
-            stops = (0, cfg.max_iters // 2, cfg.max_iters) if self.lesson == "saturation" else (cfg.max_iters,)
+            # Training stops at each point to weigh the examples, then resumes (resume=True), as if never stopped.
+            stops = (0, cfg.max_iters // 2, cfg.max_iters) if weigh else (cfg.max_iters,)
             for stop in stops:
                 model = train.train_stage(cfg, cfg.loss, cfg.loss, init, stop, "lr", d.main, 0, 1, self.device,
                                           progress=False)
-                if len(stops) > 1:
-                    result.setdefault("weights", {})[str(stop)] = weigh(model, cfg, d.main, init, self.device)
+                if weigh:
+                    result.setdefault("weights", {})[str(stop)] = weigh_examples(model, cfg, d.main, init, self.device)
         result.update(sampled=task.evaluate(model, d.heldout, cfg.eval_samples, 1.0, seed, self.device, cfg.eval_tokens),
                       greedy=task.evaluate(model, d.heldout, 1, 0.0, seed, self.device, cfg.eval_tokens))
-        if overrides.get("contradict"):  # what became of the contradicted prompts, against the others of training
+        if cfg.contradict:  # what became of the contradicted prompts, against the others of training
             tagged = {}
             for u in d.main:
                 tagged.setdefault(data.get_tokenizer().decode(u.prompt), set()).add(u.tag)
@@ -99,14 +116,14 @@ class Lab:
             json.dump(result, f)
         return result
 
-    def runs(self, plan: list[tuple[str, dict]]) -> dict[str, list[dict]]:
+    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False) -> dict[str, list[dict]]:
         """Every (name, overrides) of the plan for every seed, under one progress bar."""
         results: dict[str, list[dict]] = {name: [] for name, _ in plan}
         bar = tqdm(total=len(plan) * len(self.seeds), desc=self.lesson, unit="run", dynamic_ncols=True)
         for seed in self.seeds:
             for name, overrides in plan:
                 bar.set_postfix_str(f"{name} seed {seed}")
-                results[name].append(self.run(name, seed, **overrides))
+                results[name].append(self.run(name, seed, weigh, **overrides))
                 bar.update(1)
         bar.close()
         return results
@@ -114,7 +131,7 @@ class Lab:
     def rows(self, name: str, seed: int) -> list[dict]:
         """The training rows of one run, the last written for each iteration (a resumed run repeats some)."""
         rows = {}
-        with open(os.path.join(self.dir, f"{name}-seed{seed}", "metrics.jsonl")) as f:
+        with open(os.path.join(self.dirs[name, seed], "metrics.jsonl")) as f:
             for row in map(json.loads, f):
                 if "iter" in row:
                     rows[row["iter"]] = row
@@ -128,7 +145,7 @@ class Lab:
 
 
 @torch.no_grad()
-def weigh(model: torch.nn.Module, cfg: config.TrainConfig, units: list[data.Tokens], init: str | None,
+def weigh_examples(model: torch.nn.Module, cfg: config.TrainConfig, units: list[data.Tokens], init: str | None,
           device: torch.device) -> dict[str, list]:
     """z, the Prop. 4.1 weight and `saturated` of the training examples under `model` (KTO), in whole
     batches taken in order, and each one's group."""
@@ -191,15 +208,20 @@ def save_figure(lab: Lab, fig) -> None:
     print(f"figure: {path}")
 
 
-def bars(ax, numbers: dict, names: list[str], key: str = "sampled") -> None:
-    """Mean utility per run with min-max whiskers over seeds."""
-    means = [100 * np.mean(numbers[n][key]) for n in names]
-    low = [m - 100 * min(numbers[n][key]) for m, n in zip(means, names)]
-    high = [100 * max(numbers[n][key]) - m for m, n in zip(means, names)]
-    ax.bar(names, means, yerr=[low, high], capsize=4, color="#8fb3d9", edgecolor="#33557a")
-    ax.set_ylabel(f"held-out utility, {key} (%)")
-    ax.set_ylim(0, 100)
+def bars(ax, numbers: dict, names: list[str], key: str = "sampled", scale: float = 100, ylabel: str = "",
+         offset: float = 0.0, width: float = 0.8, color: str = "#8fb3d9", label: str | None = None) -> None:
+    """Mean over seeds per run, with min-max whiskers; utility in % unless key and ylabel say otherwise."""
+    means = [scale * np.mean(numbers[n][key]) for n in names]
+    low = [m - scale * min(numbers[n][key]) for m, n in zip(means, names)]
+    high = [scale * max(numbers[n][key]) - m for m, n in zip(means, names)]
+    ax.bar([i + offset for i in range(len(names))], means, width=width, yerr=[low, high], capsize=4, color=color,
+           edgecolor="#444444", label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(ylabel or f"held-out utility, {key} (%)")
+    if scale == 100:
+        ax.set_ylim(0, 100)
     ax.tick_params(axis="x", labelsize=7, labelrotation=12)
+    ax.set_title(f"mean of {len(numbers[names[0]][key])} seed(s), whiskers min-max", fontsize=8)
 
 
 def compare(lab: Lab, plan: list[tuple[str, dict]], extra: dict[str, tuple[str, float]] | None = None
@@ -303,10 +325,10 @@ def lesson_saturation(lab: Lab) -> None:
     """One KTO run: the saturated share and mean weight by class over training, and the weights of every
     training example at the start, middle and end (Prop. 4.1: KTO stops learning from what it already
     rates far from z_ref, on either side)."""
-    results = lab.runs([("KTO", {"loss": "kto"})])
+    results = lab.runs([("KTO", {"loss": "kto"})], weigh=True)
     numbers = {"utility": utility_table(results), "over_training": {}, "weights": {}}
     stops = list(results["KTO"][0]["weights"])
-    print(f"\nsaturated training examples (%), all {len(lab.seeds)} seed(s)")
+    print(f"\nsaturated, % of each class's training examples (all whole batches), mean (min-max) over {len(lab.seeds)} seed(s)")
     print(f"{'class':<14}" + "".join(f"{'iteration ' + s:>20}" for s in stops))
     for group in ("desirable", "undesirable"):
         numbers["over_training"][group] = {key: over_training(lab, "KTO", (group,), key).tolist()
@@ -321,25 +343,28 @@ def lesson_saturation(lab: Lab) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2 + len(stops), figsize=(4 * (2 + len(stops)), 3.4))
+    shown = stops[1:]  # at iteration 0 the policy is the reference: every z is 0
+    fig, axes = plt.subplots(1, 2 + len(shown), figsize=(3.6 * (2 + len(shown)), 3.6))
     colors = {"desirable": "#2ca02c", "undesirable": "#d62728"}
     first = results["KTO"][0]
     for group, color in colors.items():
         o = numbers["over_training"][group]
         axes[0].plot(np.arange(1, len(o["saturated"]) + 1), 100 * smooth(np.array(o["saturated"])), color=color, label=group)
         axes[1].plot(np.arange(1, len(o["grad_weight"]) + 1), smooth(np.array(o["grad_weight"])), color=color, label=group)
-        for ax, stop in zip(axes[2:], stops):
+        for ax, stop in zip(axes[2:], shown):
             w = first["weights"][stop]
             ax.hist([x for x, g in zip(w["z"], w["group"]) if g == group], bins=40, range=(-12, 12), color=color,
                     alpha=0.6, label=group)
-    axes[0].set(xlabel="KTO iteration", ylabel="saturated (%)", title="share saturated, per batch")
-    axes[1].set(xlabel="KTO iteration", ylabel="mean weight", title="mean weight lambda beta v (1 - v)")
-    for ax, stop in zip(axes[2:], stops):
+    every = f"mean of {len(lab.seeds)} seed(s)"
+    axes[0].set(xlabel="KTO iteration", ylabel="saturated (%)", title=f"share saturated, per batch ({every})")
+    axes[1].set(xlabel="KTO iteration", ylabel="mean weight", title=f"mean weight lambda beta v (1 - v) ({every})")
+    for ax, stop in zip(axes[2:], shown):
         for z in (-3.64, 3.64):  # beyond |z| = 3.64 the weight is below 10% of its peak
             ax.axvline(z, color="gray", lw=0.8, ls=":")
-        ax.set(xlabel="z = beta (r - z_ref)", ylabel="training examples", title=f"iteration {stop} (seed {lab.seeds[0]})")
+        ax.set(xlabel="z = beta (r - z_ref)", ylabel="training examples", title=f"all examples at iteration {stop}, seed {lab.seeds[0]}")
     for ax in axes:
         ax.legend(fontsize=7)
+        ax.title.set_fontsize(8)
     save_figure(lab, fig)
 
 
@@ -403,12 +428,12 @@ def lesson_no_sft(lab: Lab) -> None:
     lab.save(numbers)
     plt = pyplot()
     if plt:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-        bars(left, numbers, list(numbers))
-        means = [np.mean(numbers[n]["length (tokens)"]) for n in numbers]
-        right.bar(list(numbers), means, color="#d9a38f", edgecolor="#7a3f33")
-        right.set(ylabel="mean sampled completion length (tokens, of 16)")
-        right.tick_params(axis="x", labelsize=7, labelrotation=12)
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        bars(axes[0], numbers, list(numbers))
+        bars(axes[1], numbers, list(numbers), "length (tokens)", 1, "mean sampled completion length (tokens, of 16)",
+             color="#d9a38f")
+        bars(axes[2], numbers, list(numbers), "ends with EOT (%)", 100, "sampled completions ending with EOT (%)",
+             color="#b3d98f")
         save_figure(lab, fig)
 
 
@@ -455,11 +480,8 @@ def lesson_contradict(lab: Lab) -> None:
         bars(left, numbers, list(numbers))
         names = ["KTO, 30% contradicted", "DPO, 30% contradicted"]
         for offset, key, color in ((-0.2, "contradicted_prompts", "#d9a38f"), (0.2, "other_prompts", "#8fb3d9")):
-            right.bar([i + offset for i in range(2)], [100 * np.mean(numbers[n][key]) for n in names], width=0.4,
-                      color=color, edgecolor="#444444", label=key.replace("_", " "))
-        right.set_xticks(range(2), names, fontsize=7)
-        right.set(ylabel="greedy utility on training prompts (%)", ylim=(0, 100),
-                  title="contradicted prompts against the others")
+            bars(right, numbers, names, key, ylabel="greedy utility on training prompts (%)", offset=offset, width=0.4,
+                 color=color, label=key.replace("_", " "))
         right.legend(fontsize=7)
         save_figure(lab, fig)
 
@@ -471,20 +493,26 @@ LESSONS = {"value": lesson_value, "dpo": lesson_dpo, "saturation": lesson_satura
 
 def main() -> None:
     args = sys.argv[1:]
-    if not args or args[0] not in LESSONS:
-        raise SystemExit(f"usage: python experiments.py LESSON [--seeds=3] [--key=value ...]; LESSON is one of {', '.join(LESSONS)}")
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        raise SystemExit(0 if args else 1)
+    if args[0] not in LESSONS:
+        raise SystemExit(f"error: unknown lesson '{args[0]}': expected one of {', '.join(LESSONS)}")
     lesson, seeds, overrides = args[0], 3, []
     for arg in args[1:]:
-        if arg.startswith("--seeds="):
-            value = arg.partition("=")[2]
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key == "seeds":
             if not value.isdigit() or not 1 <= int(value) <= len(SEEDS):
                 raise SystemExit(f"error: --seeds={value}: expected an integer from 1 to {len(SEEDS)}")
             seeds = int(value)
+        elif key in LESSON_KEYS:
+            raise SystemExit(f"error: {arg}: the lessons set {', '.join(LESSON_KEYS)} themselves (seeds: --seeds=N)")
         else:
             overrides.append(arg)
     base = config.parse_config([f"--{k}={v}" for k, v in LESSON_DEFAULTS.items()] + overrides)
     _, _, device = train.setup_distributed(base)
-    print(f"lesson {lesson}: seeds {', '.join(map(str, SEEDS[:seeds]))}; device {device}, torch {torch.__version__}")
+    trains = "" if lesson == "value" else f"seeds {', '.join(map(str, SEEDS[:seeds]))}; "
+    print(f"lesson {lesson}: {trains}device {device}, torch {torch.__version__}")
     try:
         LESSONS[lesson](Lab(lesson, base, seeds, device))
     except data.DataError as e:

@@ -47,11 +47,31 @@ def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
     assert len(numbers["weights"]["KTO noise 0.3"]["flipped"]) == 12  # one value per iteration
     for line in ("KTO noise 0.3", "DPO noise 0.3", "flipped / clean"):
         assert line in result.stdout
-    # one SFT stage, shared by all eight runs of the seed
+    # one SFT stage, shared by all eight runs of the seed; the runs kept under a digest of their settings
     assert len(os.listdir(tmp_path / "sft")) == 1
-    metrics = tmp_path / "noise" / "KTO noise 0.3-seed1337" / "metrics.jsonl"
+    runs = tmp_path / "runs"
+    assert len(os.listdir(runs)) == 8
+    results = {r["name"]: (runs / d) for d in os.listdir(runs) for r in [json.loads((runs / d / "result.json").read_text())]}
+    metrics = results["KTO noise 0.3"] / "metrics.jsonl"
     before = metrics.read_text()
-    report = json.loads((tmp_path / "noise" / "KTO noise 0.3-seed1337" / "result.json").read_text())["report"]
+    report = json.loads((results["KTO noise 0.3"] / "result.json").read_text())["report"]
     assert any("label_noise=0.3" in line and "flipped" in line for line in report)
     again = lesson(args)
     assert metrics.read_text() == before and again.stdout.splitlines()[1:] == result.stdout.splitlines()[1:]
+    # another lesson reuses the runs it shares (KTO and DPO without noise): only the SFT start is new
+    lesson(["dpo", "--seeds=1", f"--out_dir={tmp_path}"] + TINY)
+    assert len(os.listdir(runs)) == 9
+    # a changed setting is a new run, never the saved result of another
+    lesson(["dpo", "--seeds=1", f"--out_dir={tmp_path}"] + TINY + ["--max_iters=6"])
+    iters = sorted(json.loads((runs / d / "result.json").read_text())["settings"]["max_iters"] for d in os.listdir(runs))
+    assert iters == [6] * 3 + [12] * 9
+
+
+def test_settings_the_lessons_set_are_refused(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for arg in ("--seed=3", "--init_from=scratch", "--resume=false"):
+        result = subprocess.run([sys.executable, "experiments.py", "dpo", arg, f"--out_dir={tmp_path}"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {arg}:"), result.stderr
+    unknown = subprocess.run([sys.executable, "experiments.py", "valu"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert unknown.returncode == 1 and "unknown lesson 'valu'" in unknown.stderr
