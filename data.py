@@ -228,7 +228,7 @@ def collate(pairs: list[tuple[list[int], list[int]]], block_size: int) -> tuple[
     """
     rows = []
     for prompt, completion in pairs:
-        assert len(completion) <= block_size, "tokenize() rejects completions that cannot fit"
+        assert prompt and len(completion) <= block_size, "tokenize() rejects empty prompts and completions that cannot fit"
         prompt = prompt[max(0, len(prompt) + len(completion) - block_size - 1):]
         rows.append((prompt + completion, len(prompt)))
     T = max(len(seq) for seq, _ in rows) - 1

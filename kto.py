@@ -1,8 +1,10 @@
 """The KTO objective of Ethayarajh et al. 2024 (arXiv 2402.01306), equation by equation, and DPO beside it.
 
 Convention: beta sits outside the log-ratio. The reward r and the reference point z_ref are plain
-log-ratios (nats) and beta multiplies their difference inside the sigmoid. The paper writes
-r = beta * log-ratio and z_ref = beta * KL; the value function is the same.
+log-ratios (nats) and beta multiplies their difference inside the sigmoid. The paper's text with eq. (7)
+writes r = beta * log-ratio and z_ref = beta * KL, and the loss as w(y) (1 - v) with w = lambda_D or lambda_U;
+a later arXiv revision puts beta outside, as here, and folds lambda_y into v (lambda_y - v). The loss is the
+same in all three.
 
 Every function is pure apart from the all-reduce in `kl_reference_point`, which averages over the
 processes that share a batch.
@@ -78,14 +80,16 @@ def kto_loss(
 
     Returns the mean over examples of lambda(y) * (1 - v(x, y)) and the stats (see the module docstring),
     per example: z = beta * (r - z_ref), the weight lambda(y) * beta * v * (1 - v) and `saturated`.
+    The mean is over this rank's examples; DDP's average of the ranks' gradients is then the global mean
+    because every rank holds an equal share of the batch (train.run refuses anything else).
     """
     z_ref, kl_raw = kl_reference_point(policy_kl_logps, reference_kl_logps)
     r = implied_reward(policy_logps, reference_logps)
-    # The value function of eq. (7) (the paper folds lambda_y into v): desirable outputs gain value
-    # above the reference point, undesirable ones below it.
+    # The value function v of eq. (7): desirable outputs gain value above the reference point,
+    # undesirable ones below it.
     v = torch.where(desirable, torch.sigmoid(beta * (r - z_ref)), torch.sigmoid(beta * (z_ref - r)))
     lam = torch.where(desirable, torch.full_like(r, lambda_d), torch.full_like(r, lambda_u))
-    losses = lam * (1 - v)  # eq. (7)
+    losses = lam * (1 - v)  # eq. (7): w(y) (1 - v), w = lambda_D or lambda_U
     loss = losses.mean()
 
     # Prop. 4.1 / eq. (9): d loss / d log pi_theta(y|x) = -/+ lambda(y) * beta * v * (1 - v):
@@ -162,7 +166,7 @@ def sft_loss(policy_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
 
 
 def advised_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
-    """The paper's advice (section 4.2): lambda_D n_D / (lambda_U n_U) in [1, 4/3], one lambda at 1.
+    """The paper's advice (section 4.1, eq. 8): lambda_D n_D / (lambda_U n_U) in [1, 4/3], one lambda at 1.
 
     Data already in range keeps lambda_D = lambda_U = 1; otherwise the smaller class is weighted up
     just enough to reach the nearer end of the range.
