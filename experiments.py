@@ -279,6 +279,7 @@ def lesson_value(lab: Lab) -> None:
             for desirable in (True, False):  # one example, z_ref = 0 (KL pairs with equal log-probs)
                 loss, stats = kto.kto_loss(logp, zero, zero, zero, torch.tensor([desirable]), beta)
                 curves["value_desirable" if desirable else "value_undesirable"].append(1 - loss.item())
+            # The weight, lambda beta v (1 - v), is the same for either label: the last call's serves.
             curves["weight"].append(stats["weight"].item() / (beta / 4))  # of the peak, lambda beta / 4
             curves["saturated"].append(bool(stats["saturated"]))
             loss, stats = kto.dpo_loss(logp, zero, zero, zero, beta)
@@ -289,6 +290,7 @@ def lesson_value(lab: Lab) -> None:
         windows = []
         for c in (curves, dpo_curves):
             live = x[~np.array(c["saturated"])]
+            # Still learning at the grid's lower edge (DPO, pairs ordered wrong): no lower end, "-inf".
             windows.append(f"{'-inf' if live.min() == x.min() else f'{live.min():+.1f}'} to {live.max():+.1f}")
         print(f"{beta:<8}{windows[0]:>20}{windows[1]:>20}")
     print("SFT: every example, weight 1, whatever its likelihood")
