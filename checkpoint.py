@@ -43,8 +43,8 @@ def read(path: str, device: str | torch.device = "cpu") -> dict:
 
 
 def hugging_face(path: str) -> bool:
-    """A Hugging Face GPT-2 checkpoint (a directory, a .safetensors or a .bin file), not one of ours."""
-    return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
+    """A Hugging Face GPT-2 checkpoint (a directory, a .safetensors or .bin file, a shard index), not one of ours."""
+    return os.path.isdir(path) or path.endswith((".safetensors", ".bin", ".index.json"))
 
 
 def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT:
@@ -65,7 +65,7 @@ def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT
             model = GPT.from_pretrained(init, dropout=cfg.dropout)
         except ValueError as e:
             raise SystemExit(f"error: {e} (expected a Hugging Face GPT-2: a directory with config.json and "
-                             f"model.safetensors or pytorch_model.bin, or one such file)") from None
+                             f"model.safetensors, pytorch_model.bin or their shards' .index.json, or one such file)") from None
     if cfg.block_size > model.config.block_size:
         raise SystemExit(f"error: block_size={cfg.block_size}: expected at most {model.config.block_size}, "
                          f"the context of {init}")

@@ -6,6 +6,7 @@ checkpoints map onto it one to one (`GPT.from_pretrained`).
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+GPT2_VOCAB = 50257  # the GPT-2 tokenizer's size (data.get_tokenizer): it cannot decode ids from here on
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50257  # GPT-2 BPE
+    vocab_size: int = GPT2_VOCAB
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -129,22 +133,25 @@ class GPT(nn.Module):
     def from_pretrained(cls, path: str, dropout: float = 0.0) -> "GPT":
         """Our GPT from a local Hugging Face GPT-2 checkpoint (gpt2 to gpt2-xl shapes).
 
-        path: a directory with config.json and model.safetensors or pytorch_model.bin, or one such file
-        (config.json beside it is read if present; otherwise the shape comes from the tensors, with
-        GPT-2's 64-wide heads). Names with or without the "transformer." prefix (save_pretrained's layout
-        and the hub's original one) are accepted; the attn.bias / attn.masked_bias buffers and a tied
-        lm_head are skipped; Conv1D weights, stored (in, out), are transposed. Anything that does not fit
-        raises ValueError naming the file and the first tensor that does not match.
+        path: a directory with config.json and model.safetensors, pytorch_model.bin or the .index.json of
+        their shards (save_pretrained's layout for big models), or one such file. config.json beside it is
+        read if present; what it leaves out comes from the tensors' shapes, n_head from GPT-2's 64-wide heads
+        (with a note on stderr). Names with or without the "transformer." prefix (save_pretrained's layout
+        and the hub's original one) are accepted; the attn.bias / attn.masked_bias buffers and a tied lm_head
+        are skipped; Conv1D weights, stored (in, out), are transposed. Anything that does not fit raises
+        ValueError naming the file and the first tensor or setting that does not match.
         """
         weights, config_path = path, os.path.join(os.path.dirname(path), "config.json")
         if os.path.isdir(path):
             config_path = os.path.join(path, "config.json")
-            found = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")
+            found = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin",
+                                                     "model.safetensors.index.json", "pytorch_model.bin.index.json")
                      if os.path.exists(os.path.join(path, n))]
             if not found:
-                raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+                raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin in this directory "
+                                 f"(nor the .index.json of their shards)")
             weights = found[0]
-        state = read_safetensors(weights) if weights.endswith(".safetensors") else read_torch_weights(weights)
+        state = read_weights(weights)
         state = {name.removeprefix("transformer."): t for name, t in state.items()
                  if not name.endswith((".attn.bias", ".attn.masked_bias"))}
         head = state.pop("lm_head.weight", None)
@@ -154,16 +161,26 @@ class GPT(nn.Module):
             raise ValueError(f"{weights}: tensor 'lm_head.weight' differs from 'wte.weight'; expected GPT-2's tied head")
         vocab_size, n_embd = state["wte.weight"].shape
         shape = {"n_layer": 1 + max((int(n.split(".")[1]) for n in state if n.startswith("h.")), default=-1),
-                 "n_head": n_embd // 64, "n_embd": n_embd, "block_size": state["wpe.weight"].shape[0],
+                 "n_head": max(1, n_embd // 64), "n_embd": n_embd, "block_size": state["wpe.weight"].shape[0],
                  "vocab_size": vocab_size}
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                hf = json.load(f)
-            shape = {"n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd"),
+        hf = read_json_object(config_path) if os.path.exists(config_path) else None
+        source = weights if hf is None else config_path
+        if hf is not None:
+            given = {"n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd"),
                      "block_size": hf.get("n_positions", hf.get("n_ctx")), "vocab_size": hf.get("vocab_size")}
-            for key, expected in (("activation_function", ("gelu_new", "gelu_pytorch_tanh")), ("layer_norm_epsilon", (1e-5,))):
+            shape.update({key: value for key, value in given.items() if value is not None})  # the rest: from the tensors
+            # Settings our model does not implement: any other value gives silently different logits.
+            for key, expected in (("activation_function", ("gelu_new", "gelu_pytorch_tanh")), ("layer_norm_epsilon", (1e-5,)),
+                                  ("scale_attn_weights", (True,)), ("scale_attn_by_inverse_layer_idx", (False,))):
                 if hf.get(key, expected[0]) not in expected:
                     raise ValueError(f"{config_path}: {key}={hf[key]!r}; expected {' or '.join(map(repr, expected))} as in GPT-2")
+        if hf is None or hf.get("n_head") is None:
+            where = f"no config.json beside {weights}" if hf is None else f"{config_path} has no n_head"
+            print(f"note: {where}: assuming 64-wide heads (n_head={shape['n_head']})", file=sys.stderr)
+        if shape["n_embd"] % shape["n_head"]:
+            raise ValueError(f"{source}: n_embd={shape['n_embd']} is not divisible by n_head={shape['n_head']}")
+        if shape["vocab_size"] < GPT2_VOCAB:  # token ids from the tokenizer would index past the embedding
+            raise ValueError(f"{source}: vocab_size={shape['vocab_size']}; expected at least {GPT2_VOCAB}, the GPT-2 tokenizer's")
         model = cls(GPTConfig(**shape, dropout=dropout, bias=True))
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         ours = {name.removeprefix("transformer."): p for name, p in model.state_dict().items() if name != "lm_head.weight"}
@@ -197,7 +214,9 @@ class GPT(nn.Module):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 decodes greedily."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
-            logits = self.lm_head(self.hidden(context)[:, -1, :]).float()
+            # Only ids the GPT-2 tokenizer can decode: a vocabulary padded past it (50304) or with an added
+            # pad token has logits for ids that decode to nothing, and sample.py would fail on them.
+            logits = self.lm_head(self.hidden(context)[:, -1, :])[:, :GPT2_VOCAB].float()
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -218,22 +237,62 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors or .bin file, or of all the shards a save_pretrained .index.json names."""
+    folder = os.path.dirname(path)
+    if path.endswith(".index.json"):
+        files = [os.path.join(folder, shard) for shard in shard_files(path)]
+    else:
+        for index in (os.path.join(folder, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")):
+            if os.path.exists(index) and os.path.basename(path) in shard_files(index):
+                raise ValueError(f"{path}: one shard of several ({index} names them all); expected its directory")
+        files = [path]
+    state = {}
+    for file in files:
+        state.update(read_safetensors(file) if file.endswith(".safetensors") else read_torch_weights(file))
+    return state
+
+
+def shard_files(index: str) -> list[str]:
+    """The shard files that a save_pretrained index, {"weight_map": {tensor name: shard file}}, names."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise ValueError(f"{index}: expected a \"weight_map\" of tensor names to shard files")
+    return sorted(set(weight_map.values()))
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON object from a file (config.json, a shard index); anything else raises ValueError naming it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     """A .safetensors file: an 8-byte little-endian header length, a JSON header of
     {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
     try:
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
+            n, size = int.from_bytes(f.read(8), "little"), os.fstat(f.fileno()).st_size
+            if n > size - 8:  # checked first: reading a length taken from text or a cut file would exhaust memory
+                raise ValueError(f"a header of {n} bytes in a file of {size} (a git-lfs pointer or a truncated download?)")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError(f"the header is a JSON {type(header).__name__}; expected an object")
             tensors = {}
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 start, end = info["data_offsets"]
+                if not 0 <= start <= end <= size - 8 - n:
+                    raise ValueError(f"tensor '{name}' lies outside the file (a truncated download?)")
                 f.seek(8 + n + start)
                 raw = bytearray(f.read(end - start))
-                if len(raw) != end - start:
-                    raise ValueError(f"tensor '{name}' is cut short")
                 dtype = SAFETENSORS_DTYPES[info["dtype"]]
                 t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
                 tensors[name] = t.reshape(info["shape"])

@@ -77,6 +77,7 @@ def sample(model: torch.nn.Module, prompt: str, cfg: SampleConfig, device: torch
     """num_samples completions of one prompt, cut at EOT; the generator is seeded per prompt."""
     enc = data.get_tokenizer()
     ids = enc.encode_ordinary(prompt)[-(model.config.block_size - 1):]  # the prompt loses tokens from the left
+    ids = ids or [data.EOT]  # an empty prompt starts from <|endoftext|>, as in transformers
     idx = torch.tensor([ids] * cfg.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, generator)

@@ -6,7 +6,7 @@ import torch
 
 import data
 import kto
-from model import GPT, GPTConfig
+from model import GPT, GPT2_VOCAB, GPTConfig
 
 
 def tiny_gpt(vocab_size: int = 50257, seed: int = 0) -> GPT:
@@ -133,7 +133,7 @@ def gpt2_like(seed: int = 3) -> GPT:
 
 @pytest.mark.parametrize("layout", ["save_pretrained safetensors", "hub bin", "save_pretrained bin with head",
                                     "hub safetensors file without config", "fp16 safetensors"])
-def test_hugging_face_checkpoints_load_to_the_same_log_probs(tmp_path, layout):
+def test_hugging_face_checkpoints_load_to_the_same_log_probs(tmp_path, capsys, layout):
     model = gpt2_like()
     expected = logps_of(model)
     (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
@@ -158,6 +158,91 @@ def test_hugging_face_checkpoints_load_to_the_same_log_probs(tmp_path, layout):
     tolerance = 2e-2 if "fp16" in layout else 1e-5
     assert torch.allclose(logps_of(loaded), expected, atol=tolerance)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
+    note = f"note: no config.json beside {path}: assuming 64-wide heads (n_head=2)\n"
+    assert capsys.readouterr().err == (note if "without config" in layout else "")
+
+
+def write_shards(folder, state: dict[str, torch.Tensor], fmt: str) -> None:
+    """What save_pretrained writes for a big model: shard files and an index naming each tensor's shard."""
+    names, weight_map = list(state), {}
+    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        shard = {name: state[name] for name in part}
+        if fmt == "safetensors":
+            file = f"model-{i + 1:05d}-of-00002.safetensors"
+            write_safetensors(folder / file, shard)
+        else:
+            file = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+            torch.save(shard, folder / file)
+        weight_map.update({name: file for name in part})
+    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    (folder / index).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_sharded_checkpoint_loads_to_the_same_log_probs(tmp_path, fmt):
+    model = gpt2_like()
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    write_shards(tmp_path, hf_state(model, "transformer.", buffers=False, head=True), fmt)
+    loaded = GPT.from_pretrained(str(tmp_path))
+    assert loaded.config == model.config
+    assert torch.allclose(logps_of(loaded), logps_of(model), atol=1e-5)
+    shard = next(tmp_path.glob(f"*-00002-of-00002.{fmt}"))
+    with pytest.raises(ValueError, match=rf"{shard.name}: one shard of several \(.*index.json names them all\)"):
+        GPT.from_pretrained(str(shard))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"scale_attn_weights": False}, r"config.json: scale_attn_weights=False; expected True as in GPT-2"),
+    ({"scale_attn_by_inverse_layer_idx": True}, r"config.json: scale_attn_by_inverse_layer_idx=True; expected False"),
+    ({"n_head": 3}, r"config.json: n_embd=128 is not divisible by n_head=3"),
+    ("{not json", r"config.json: not readable JSON \(JSONDecodeError"),
+    ("[1, 2]", r"config.json: expected a JSON object, found list"),
+], ids=["scale_attn_weights", "scale_attn_by_inverse_layer_idx", "n_head", "corrupt JSON", "not an object"])
+def test_a_config_that_does_not_fit_names_the_file_in_one_line(tmp_path, config, message):
+    model = gpt2_like()
+    write_safetensors(tmp_path / "model.safetensors", hf_state(model, "", buffers=False, head=False))
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps({**hf_config(model), **config}))
+    with pytest.raises(ValueError, match=str(tmp_path / "config.json").replace(".", r"\.")) as e:
+        GPT.from_pretrained(str(tmp_path))
+    assert "\n" not in str(e.value) and e.match(message)
+
+
+def test_a_config_without_n_positions_takes_the_context_from_the_tensors(tmp_path):
+    model = gpt2_like()
+    config = {k: v for k, v in hf_config(model).items() if k not in ("n_positions", "n_ctx")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_safetensors(tmp_path / "model.safetensors", hf_state(model, "", buffers=False, head=False))
+    loaded = GPT.from_pretrained(str(tmp_path))
+    assert loaded.config.block_size == model.config.block_size == 32
+    assert torch.allclose(logps_of(loaded), logps_of(model), atol=1e-5)
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
+    assert GPT2_VOCAB == data.get_tokenizer().n_vocab
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=1000, n_layer=1, n_head=2, n_embd=128))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    write_safetensors(tmp_path / "model.safetensors", hf_state(model, "", buffers=False, head=False))
+    with pytest.raises(ValueError, match=r"config.json: vocab_size=1000; expected at least 50257, the GPT-2 tokenizer's"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"model.safetensors: vocab_size=1000; expected at least 50257"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_generation_never_draws_ids_past_the_tokenizer():
+    """A vocabulary padded to 50304 whose padded ids would win every draw: only the tokenizer's are drawn."""
+    model = tiny_gpt(vocab_size=50304)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every hidden state is all ones...
+        model.lm_head.weight[GPT2_VOCAB:] = 1.0  # ...so the padded ids' logits are 32; the others about 0.1
+    logits = model.lm_head.weight.sum(dim=1)  # the logits at every position
+    prompt = torch.tensor([[10, 20, 30]]).repeat(100, 1)
+    greedy = model.generate(prompt, max_new_tokens=4, temperature=0)[:, 3:]
+    assert (greedy == logits[:GPT2_VOCAB].argmax()).all() and logits.argmax() >= GPT2_VOCAB
+    drawn = model.generate(prompt, max_new_tokens=4, generator=torch.Generator().manual_seed(0))[:, 3:]
+    assert drawn.max() < GPT2_VOCAB and drawn.unique().numel() > 100  # spread over the real vocabulary
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_file_and_tensor(tmp_path):
@@ -177,6 +262,14 @@ def test_a_checkpoint_that_does_not_fit_names_the_file_and_tensor(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
     with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        GPT.from_pretrained(str(tmp_path))
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:248dfc39\nsize 548105171\n"
+    for content in (lfs, b"<!DOCTYPE html><html>404</html>"):
+        (tmp_path / "model.safetensors").write_bytes(content)
+        with pytest.raises(ValueError, match=r"model.safetensors: .* \(a git-lfs pointer or a truncated download\?\)"):
+            GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x06\x00\x00\x00\x00\x00\x00\x00[1, 2]")
+    with pytest.raises(ValueError, match=r"model.safetensors: .*the header is a JSON list; expected an object"):
         GPT.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"no model.safetensors or pytorch_model.bin"):
         GPT.from_pretrained(str(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else "")

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+import data
+import sample as sample_py
 from test_model import gpt2_like, hf_config, hf_state, write_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,3 +40,14 @@ def test_sample_is_deterministic_under_a_seed_and_puts_checkpoints_side_by_side(
     assert len([line for line in lines if " | " in line]) == 3 * 2 * 2  # prompts x checkpoints x samples
     bad = sample([str(tmp_path / "prompts.txt"), "--prompt=x"])
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error:")
+
+
+def test_an_empty_prompt_starts_from_end_of_text():
+    model = gpt2_like(seed=1)
+    cfg = sample_py.SampleConfig(num_samples=1, max_new_tokens=5, temperature=0)
+    ids = [data.EOT]
+    for _ in range(5):  # greedy decoding, one token at a time
+        with torch.no_grad():
+            ids.append(model.lm_head(model.hidden(torch.tensor([ids])))[0, -1].argmax().item())
+    completion = ids[1:ids.index(data.EOT, 1)] if data.EOT in ids[1:] else ids[1:]
+    assert sample_py.sample(model, "", cfg, torch.device("cpu")) == [data.get_tokenizer().decode(completion)]
