@@ -3,6 +3,10 @@
 Each step's stats stay on the device; they reach the host, in one all-reduce and one all-gather over
 the ranks for all the steps since the last, only when rows are written (log and checkpoint intervals).
 """
+import json
+import os
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -124,3 +128,17 @@ def format_metrics(m: dict) -> str:
         parts += [f"grad weight {m['grad_weight']:.4f}", "saturated " +
                   " ".join(f"{name} {100 * g['saturated']:.0f}%" for name, g in m["groups"].items())]
     return " | ".join(parts)
+
+
+def drop_rows(path: str, stale: Callable[[dict], bool]) -> None:
+    """Rewrite metrics.jsonl without the rows `stale` picks (those a resumed stage will write again, say)
+    and without a last line cut short by a crash; through a temporary file, so a crash here loses nothing."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.endswith("\n") and not stale(json.loads(line))]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)

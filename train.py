@@ -192,14 +192,15 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     start = 0
     if cfg.resume and os.path.exists(path):
         ckpt = checkpoint.read(path, device)
-        for key, value in ckpt["settings"].items():
-            if identity["settings"].get(key) != value:
-                raise SystemExit(f"error: {path} was trained with {key}={value!r}, this run has "
-                                 f"{key}={identity['settings'].get(key)!r}; use another out_dir or the same value")
+        # Data and start first: the lambdas derived from the data would otherwise be reported as the change.
         for key, what in (("data", "training data"), ("start", f"start ({init or 'a fresh model'})")):
             if ckpt[key] != identity[key]:
                 raise SystemExit(f"error: {path} was trained from another {what} than this run's; "
                                  f"use another out_dir or the same {'data and settings' if key == 'data' else 'start'}")
+        for key, value in ckpt["settings"].items():
+            if identity["settings"].get(key) != value:
+                raise SystemExit(f"error: {path} was trained with {key}={value!r}, this run has "
+                                 f"{key}={identity['settings'].get(key)!r}; use another out_dir or the same value")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["iter"]
@@ -209,6 +210,8 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
         if rank == 0 and progress:
             print(f"{name}: checkpoint at iteration {start}, nothing to train")
         return model
+    if rank == 0:  # rows written after the checkpoint (an interrupted run, an older run here) are written again
+        metrics.drop_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), lambda row: row.get("stage") == name and row["iter"] > start)
 
     precomputed = eval_precomputed = None
     if reference is not None and cfg.reference == "precomputed":
@@ -306,6 +309,18 @@ def prepare(cfg: TrainConfig, progress: bool = False) -> tuple[TrainConfig, data
     return cfg, d
 
 
+def check_start_kept(cfg: TrainConfig) -> None:
+    """Refuse to train sft.pt further once a later stage of out_dir started from it: that stage's start
+    (and reference) would be gone, and the stage refused on every later resume."""
+    sft = os.path.join(cfg.out_dir, "sft.pt")
+    later = [p for p in (os.path.join(cfg.out_dir, f"{n}.pt") for n in (cfg.loss, "control")) if os.path.exists(p)]
+    if cfg.resume and later and os.path.exists(sft):
+        trained = checkpoint.read(sft)["iter"]
+        if trained < cfg.sft_iters:
+            raise SystemExit(f"error: {later[0]} was trained from {sft} at iteration {trained}; sft_iters={cfg.sft_iters} "
+                             f"would replace that start; use another out_dir, or sft_iters={trained}")
+
+
 def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
     """The stages of one run, then the utility table on the built-in task."""
     per_rank = per_batch(cfg, cfg.loss)
@@ -328,6 +343,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> N
     start_path = None
     models = {}
     if cfg.init_from == "sft":
+        check_start_kept(cfg)
         sft_init = None if cfg.sft_init == "scratch" else cfg.sft_init
         models["SFT"] = stage("sft", "sft", sft_init, cfg.sft_iters, "sft_lr", d.sft, eval_units=examples_eval)
         start_path = os.path.join(cfg.out_dir, "sft.pt")
@@ -340,6 +356,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> N
             stage("control", "sft", start_path, cfg.max_iters, "lr", d.control, eval_units=examples_eval)
 
     if rank == 0 and d.heldout is not None:
+        metrics.drop_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), lambda row: "sampled" in row)  # a rerun's replace them
         print(f"\nheld-out utility: the judge's mean score on {len(d.heldout)} unseen prompts")
         print(f"{'model':<20}{'sampled (T=1)':>15}{'greedy':>10}")
         for label, model in models.items():
@@ -359,6 +376,9 @@ def main() -> None:
         rank, world_size, device = setup_distributed(cfg)
         try:
             run(cfg, rank, world_size, device)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: the checkpoints in {cfg.out_dir} are kept; the same command with "
+                             f"--resume=true continues from them") from None
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

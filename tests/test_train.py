@@ -77,13 +77,19 @@ def test_stop_and_resume_equals_one_run(tmp_path):
     run(base + ["--max_iters=4", f"--out_dir={straight}"])
     stopped = tmp_path / "stopped"
     run(base + ["--max_iters=2", f"--out_dir={stopped}"])
+    # a crash after the checkpoint: rows past it, and a last line cut short
+    with open(stopped / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"stage": "kto", "iter": 3, "loss": -1.0}) + "\n" + '{"stage": "kto", "it')
     run(base + ["--max_iters=4", "--resume=true", f"--out_dir={stopped}"])
     for stage in ("kto", "control"):
         a, b = params(straight, stage), params(stopped, stage)
         for name in a:
             assert torch.equal(a[name], b[name]), (stage, name)
-        assert [m["loss"] for m in metrics(straight, stage)] == [m["loss"] for m in metrics(stopped, stage)]
+        # one row per iteration, as in the straight run
+        assert [(m["iter"], m["loss"]) for m in metrics(straight, stage)] == [(m["iter"], m["loss"]) for m in metrics(stopped, stage)]
     assert torch.load(stopped / "kto.pt", weights_only=True)["iter"] == 4
+    utilities = [r["eval"] for r in map(json.loads, open(stopped / "metrics.jsonl")) if "sampled" in r]
+    assert utilities == ["SFT", "SFT+KTO", "SFT+SFT (control)"]  # the rerun's replace the first run's
 
 
 def test_main_job_prints_utility_table(tmp_path):
@@ -257,6 +263,13 @@ def test_resume_compares_what_matters(tmp_path):
     result = run(base + ["--sft_lr=0.02", "--max_iters=4", "--resume=true", f"--out_dir={tmp_path / 'a'}"], check=False)
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'a' / 'sft.pt'} was trained with sft_lr=0.01, "
                                                   "this run has sft_lr=0.02; use another out_dir or the same value"]
+    # the SFT stage cannot grow under the KTO stage that started from it
+    before = (tmp_path / "a" / "sft.pt").read_bytes()
+    result = run(base + ["--sft_iters=3", "--max_iters=4", "--resume=true", f"--out_dir={tmp_path / 'a'}"], check=False)
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'a' / 'kto.pt'} was trained from {tmp_path / 'a' / 'sft.pt'} "
+                                                  "at iteration 2; sft_iters=3 would replace that start; use another out_dir, "
+                                                  "or sft_iters=2"]
+    assert (tmp_path / "a" / "sft.pt").read_bytes() == before
     # a checkpoint of an older train.py: one line
     old = torch.load(tmp_path / "a" / "kto.pt", weights_only=True)
     for key in ("settings", "data", "start"):
