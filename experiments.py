@@ -129,13 +129,9 @@ class Lab:
         return results
 
     def rows(self, name: str, seed: int) -> list[dict]:
-        """The training rows of one run, the last written for each iteration (a resumed run repeats some)."""
-        rows = {}
+        """The training rows of one run, one per iteration."""
         with open(os.path.join(self.dirs[name, seed], "metrics.jsonl")) as f:
-            for row in map(json.loads, f):
-                if "iter" in row:
-                    rows[row["iter"]] = row
-        return [rows[i] for i in sorted(rows)]
+            return [row for row in map(json.loads, f) if "iter" in row]
 
     def save(self, numbers: dict) -> None:
         path = os.path.join(self.dir, f"{self.lesson}.json")
