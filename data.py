@@ -5,6 +5,7 @@ needs no pairs; a preference pair (x, y_w, y_l) is simply two examples. DPO need
 """
 import collections
 import functools
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -73,14 +74,15 @@ class PairTokens(NamedTuple):
 
 
 def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool = False
-             ) -> tuple[list[Tokens] | list[PairTokens], int]:
-    """BPE-encode examples or pairs; EOT ends each completion. Returns the tokenized units and how many were
+             ) -> tuple[list[Tokens] | list[PairTokens], int, int]:
+    """BPE-encode examples or pairs; EOT ends each completion. Returns the tokenized units, how many were
     dropped because a completion with its EOT cannot fit block_size even after the prompt loses tokens
-    from the left (at least one prompt token must precede it to predict its first token)."""
+    from the left (at least one prompt token must precede it to predict its first token), and how many
+    kept units have a prompt that loses tokens from the left (collate cuts it)."""
     enc = get_tokenizer()
     paired = bool(units) and isinstance(units[0], Pair)
     fields = ("prompt", "chosen", "rejected") if paired else ("prompt", "completion")
-    out, dropped, chunk = [], 0, 4096
+    out, dropped, cut, chunk = [], 0, 0, 4096
     bar = tqdm(total=len(units), desc="tokenizing", unit="rows", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(units), chunk):
         part = units[start:start + chunk]
@@ -88,14 +90,17 @@ def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool 
         ids = {f: enc.encode_ordinary_batch([getattr(u, f) for u in part]) for f in fields}
         for i, u in enumerate(part):
             completions = [ids[f][i] + [EOT] for f in fields[1:]]
-            if max(len(c) for c in completions) > block_size:
+            longest = max(len(c) for c in completions)
+            if longest > block_size:
                 dropped += 1
-            elif paired:
+                continue
+            cut += len(ids["prompt"][i]) + longest > block_size + 1  # a sequence of block_size + 1 fits (see collate)
+            if paired:
                 out.append(PairTokens(ids["prompt"][i], *completions))
             else:
                 out.append(Tokens(ids["prompt"][i], completions[0], u.desirable))
     bar.close()
-    return out, dropped
+    return out, dropped, cut
 
 
 # ----------------------------------------------------------------------------- the paper's data settings
@@ -114,7 +119,7 @@ def _picked(n: int, fraction: float, rng: random.Random) -> set[int]:
     return set(rng.sample(range(n), round(fraction * n)))
 
 
-def _opposite(u: Tokens | PairTokens, tag: str) -> Tokens | PairTokens:
+def opposite(u: Tokens | PairTokens, tag: str) -> Tokens | PairTokens:
     """The same completion(s) with the label reversed: a pair swaps chosen and rejected."""
     if isinstance(u, PairTokens):
         return u._replace(chosen=u.rejected, rejected=u.chosen, tag=tag)
@@ -127,14 +132,14 @@ def add_contradictions(units: Units, fraction: float, seed: int) -> Units:
     twins = _picked(len(units), fraction, _rng(seed, "contradict"))
     out = []
     for i, u in enumerate(units):
-        out += [u._replace(tag="contradicted"), _opposite(u, "contradicted")] if i in twins else [u]
+        out += [u._replace(tag="contradicted"), opposite(u, "contradicted")] if i in twins else [u]
     return out
 
 
 def flip_labels(units: Units, fraction: float, seed: int) -> Units:
     """label_noise: reverse the label of a seeded `fraction` of the examples (or pairs), tagged "flipped"."""
     flip = _picked(len(units), fraction, _rng(seed, "label_noise"))
-    return [_opposite(u, "flipped") if i in flip else u for i, u in enumerate(units)]
+    return [opposite(u, "flipped") if i in flip else u for i, u in enumerate(units)]
 
 
 def split_pairs(pairs: list[PairTokens]) -> list[Tokens]:
@@ -144,15 +149,17 @@ def split_pairs(pairs: list[PairTokens]) -> list[Tokens]:
             for p in pairs for completion, desirable in ((p.chosen, True), (p.rejected, False))]
 
 
-def pair_up(examples: list[Tokens]) -> tuple[list[PairTokens], int]:
+def pair_up(examples: list[Tokens]) -> tuple[list[PairTokens], int, int]:
     """DPO on unpaired data: each prompt's desirable examples are paired, in order, with its undesirable
-    ones. Returns the pairs and the number of examples left without a partner."""
+    ones. Returns the pairs, the number of examples left without a partner, and the number of pairs skipped
+    because chosen is identical to rejected (as a paired file's are dropped: they carry no preference)."""
     by_prompt: dict[tuple[int, ...], tuple[list[Tokens], list[Tokens]]] = {}
     for ex in examples:
         by_prompt.setdefault(tuple(ex.prompt), ([], []))[0 if ex.desirable else 1].append(ex)
+    matched = [(d, u) for good, bad in by_prompt.values() for d, u in zip(good, bad)]
     pairs = [PairTokens(d.prompt, d.completion, u.completion, max(d.tag, u.tag, key=TAGS.index))
-             for good, bad in by_prompt.values() for d, u in zip(good, bad)]
-    return pairs, len(examples) - 2 * len(pairs)
+             for d, u in matched if d.completion != u.completion]
+    return pairs, len(examples) - 2 * len(matched), len(matched) - len(pairs)
 
 
 def one_per_prompt(examples: list[Tokens], seed: int) -> list[Tokens]:
@@ -265,7 +272,9 @@ def check_kl_pairs(examples: list[Tokens], batch_size: int) -> None:
     """Refuse, before training, data whose batches could hold one prompt in more than half their rows."""
     prompt, m = collections.Counter(tuple(ex.prompt) for ex in examples).most_common(1)[0]
     if 2 * min(m, batch_size) > batch_size:
-        raise DataError(f"one prompt has {m} examples, and a KTO batch of {batch_size} could hold more than half "
+        text = get_tokenizer().decode(list(prompt))
+        quoted = json.dumps(text[:60]) + ("..." if len(text) > 60 else "")  # json: the prompt's newlines stay on one line
+        raise DataError(f"one prompt has {m} examples ({quoted}), and a KTO batch of {batch_size} could hold more than half "
                         f"its rows from it, leaving no mismatched completion for KL pairs; expected batch_size "
                         f"of at least {2 * m}")
 

@@ -2,10 +2,12 @@
 tokenized (through a cache), split for evaluation and shaped by the paper's data settings.
 """
 import collections
+import functools
 import gzip
 import hashlib
 import json
 import os
+import zipfile
 import zlib
 from typing import NamedTuple
 
@@ -16,7 +18,7 @@ import task
 from config import TrainConfig, per_batch
 from data import DataError, Example, Pair, PairTokens, Tokens
 
-# A .jsonl or .jsonl.gz file, one JSON object per line, in any of these shapes, recognised row by row:
+# A .jsonl file, gzipped or not, one JSON object per line, in any of these shapes, recognised row by row:
 #   unpaired        {"prompt": str, "completion": str, "label": bool}
 #   paired          {"prompt": str, "chosen": str, "rejected": str}
 #   HH-RLHF         {"chosen": str, "rejected": str}: whole transcripts "\n\nHuman: ...\n\nAssistant: ..."; the
@@ -26,7 +28,8 @@ from data import DataError, Example, Pair, PairTokens, Tokens
 #                   share them (the prompt is their common start)
 # Messages are rendered as HH-RLHF writes them, "\n\nHuman: ..." (system: "System", user: "Human",
 # assistant: "Assistant"); the prompt ends with "\n\nAssistant:" and the completion is " " + the reply.
-# The first row decides between examples (unpaired) and pairs; every row must then give the same.
+# The first row decides between examples (unpaired) and pairs; every row must then give the same. A row with
+# chosen and rejected and no completion is paired, whatever else it holds (a "label" among its other fields).
 
 LABEL_EXPECTED = "a JSON boolean (true = desirable, false = undesirable)"
 ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
@@ -36,7 +39,7 @@ ASSISTANT = "\n\nAssistant:"
 def _text(obj: dict, field: str, where: str) -> str:
     if field not in obj:
         raise DataError(f"{where}: field '{field}' is missing; expected a non-empty string or a list of messages")
-    if not isinstance(obj[field], str) or not obj[field]:
+    if not isinstance(obj[field], str) or not obj[field].strip():
         raise DataError(f"{where}: field '{field}': expected a non-empty string, got {json.dumps(obj[field])[:80]}")
     return obj[field]
 
@@ -64,7 +67,7 @@ def _reply(messages: list[dict], prompt: list[dict], field: str, where: str) -> 
     """The completion of a conversational field: one assistant message, after the prompt's turns if repeated."""
     if messages[:len(prompt)] == prompt:
         messages = messages[len(prompt):]
-    if len(messages) != 1 or messages[0]["role"] != "assistant" or not messages[0]["content"]:
+    if len(messages) != 1 or messages[0]["role"] != "assistant" or not messages[0]["content"].strip():
         raise DataError(f"{where}: field '{field}': expected one non-empty assistant reply after the prompt's messages, "
                         f"got {json.dumps(messages)[:80]}")
     return " " + messages[0]["content"]
@@ -72,7 +75,7 @@ def _reply(messages: list[dict], prompt: list[dict], field: str, where: str) -> 
 
 def _prompt(value, where: str) -> list[dict]:
     """A conversational prompt: a list of messages, or a string taken as one user message."""
-    if isinstance(value, str) and value:
+    if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
     return _messages(value, "prompt", where)
 
@@ -81,7 +84,7 @@ def parse_row(obj, where: str) -> Example | Pair | str:
     """One row as an Example or a Pair, or the reason it is dropped (a str); DataError if malformed."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "completion" in obj or "label" in obj:
+    if "completion" in obj or ("label" in obj and not ("chosen" in obj and "rejected" in obj)):
         if "label" not in obj:
             raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}")
         # An identity test against True would silently treat labels written as 1 or "true" as undesirable.
@@ -125,12 +128,31 @@ def parse_row(obj, where: str) -> Example | Pair | str:
     return "chosen identical to rejected" if pair.chosen == pair.rejected else pair
 
 
+def _fields(pairs: list[tuple[str, object]], where: str) -> dict:
+    """json.loads' object_pairs_hook: the object, refusing what json lets through silently: a field given
+    twice (json keeps the last) and a lone surrogate escape such as "\\ud800" (the tokenizer would replace it)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DataError(f"{where}: field {key!r} given twice; expected each field once")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: field {key!r}: a lone surrogate {json.dumps(value[e.start])} at character "
+                                f"{e.start}; expected valid Unicode text") from None
+        obj[key] = value
+    return obj
+
+
 def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Counter]:
-    """Read a .jsonl or .jsonl.gz file (shapes above). Returns the examples or pairs and the rows
-    dropped, by reason. Blank lines are skipped; anything malformed raises DataError naming file, line and field."""
+    """Read a .jsonl file, gzipped or not (shapes above). Returns the examples or pairs and the rows dropped,
+    by reason. Blank lines are skipped; anything malformed raises DataError naming file, line and field."""
     units, dropped = [], collections.Counter()
     try:
-        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+        with open(path, "rb") as f:  # gzip is known by its magic bytes, whatever the file's name
+            gzipped = f.read(2) == b"\x1f\x8b"
+        f = gzip.open(path, "rb") if gzipped else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
     try:
@@ -138,15 +160,19 @@ def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Count
             for lineno, raw in enumerate(f, start=1):
                 where = f"{path}:{lineno}"
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte order mark may start the file
                 except UnicodeDecodeError as e:
                     raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line, object_pairs_hook=functools.partial(_fields, where=where))
+                except DataError:  # from _fields: already names the line and the field
+                    raise
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting too deep
+                    raise DataError(f"{where}: malformed JSON ({e})") from None
                 unit = parse_row(obj, where)
                 if isinstance(unit, str):
                     dropped[unit] += 1
@@ -163,12 +189,15 @@ def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Count
     return units, dropped
 
 
-CACHE_VERSION = 1  # raise when the cache's layout changes
+CACHE_VERSION = 2  # raise when the cache's layout or the parsing changes
 
 
 def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[Tokens] | list[PairTokens], list[str]]:
     """Read and tokenize a data file, through a cache of numpy arrays beside it (nanoGPT's habit) that
-    a changed file, tokenizer or block_size invalidates. Returns the units and the report of what was dropped."""
+    a changed file, tokenizer or block_size invalidates. Returns the units and the report of what was dropped,
+    cut and repeated."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe (--data=<(...)) could not be read twice
+        raise DataError(f"{path}: not a regular file; expected a regular .jsonl or .jsonl.gz file")
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -179,21 +208,46 @@ def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[T
     digest.update(f"{data.VOCAB_SHA256} {data.GPT2_PATTERN} {block_size} {CACHE_VERSION}".encode())
     cache = os.path.join(os.path.dirname(os.path.abspath(path)), ".kto_cache",
                          f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.npz")
+    report, units = [], None
     if os.path.exists(cache):
-        units, dropped = _read_cache(cache)
-    else:
+        try:
+            units, dropped, cut = _read_cache(cache)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a cache written wrong is a miss
+            report.append(f"{cache}: unreadable or inconsistent token cache; tokenized again")
+    if units is None:
         rows, dropped = read_jsonl(path)
-        units, too_long = data.tokenize(rows, block_size, progress)
+        units, too_long, cut = data.tokenize(rows, block_size, progress)
         if too_long:
             dropped[f"a completion longer than block_size={block_size} tokens with EOT"] = too_long
         if not units:
             raise DataError(f"{path}: no example fits block_size={block_size}")
-        _write_cache(cache, units, dropped)
-    report = [f"{path}: dropped {n} rows: {reason}" for reason, n in sorted(dropped.items())]
+        _write_cache(cache, units, dropped, cut)
+    report += [f"{path}: dropped {n} rows: {reason}" for reason, n in sorted(dropped.items())]
+    if cut:
+        report.append(f"{path}: {cut} prompts cut from the left to fit block_size={block_size}")
+    repeats, opposite = _repeats(units)
+    if repeats:
+        report.append(f"{path}: {repeats} rows repeat an earlier row's prompt and completion(s), {opposite} of them "
+                      f"with the opposite label; kept")
     return units, report
 
 
-def _write_cache(path: str, units: list[Tokens] | list[PairTokens], dropped: collections.Counter) -> None:
+def _repeats(units: list[Tokens] | list[PairTokens]) -> tuple[int, int]:
+    """How many units repeat an earlier one's prompt and completion(s), and how many of those repeat one with
+    the opposite label (a pair: chosen and rejected swapped)."""
+    def key(u: Tokens | PairTokens) -> tuple:
+        return tuple(tuple(x) if isinstance(x, list) else x for x in u)
+
+    seen, repeats, opposite = set(), 0, 0
+    for u in units:
+        same, flipped = key(u), key(data.opposite(u, u.tag))
+        repeats += same in seen or flipped in seen
+        opposite += same not in seen and flipped in seen
+        seen.add(same)
+    return repeats, opposite
+
+
+def _write_cache(path: str, units: list[Tokens] | list[PairTokens], dropped: collections.Counter, cut: int) -> None:
     """Sequences concatenated in one int32 array with their lengths; written to a temporary file, then
     renamed. A directory we cannot write to only costs the cache."""
     paired = isinstance(units[0], PairTokens)
@@ -201,27 +255,33 @@ def _write_cache(path: str, units: list[Tokens] | list[PairTokens], dropped: col
     arrays = {"tokens": np.fromiter((t for s in seqs for t in s), dtype=np.int32),
               "lengths": np.array([len(s) for s in seqs], dtype=np.int64),
               "desirable": np.array([False if paired else u.desirable for u in units]),
-              "paired": np.array(paired), "dropped": np.array(json.dumps(dropped))}
+              "paired": np.array(paired), "dropped": np.array(json.dumps(dropped)), "cut": np.array(cut)}
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if os.path.exists(tmp):  # a full disk leaves half a file
+            os.remove(tmp)
 
 
-def _read_cache(path: str) -> tuple[list[Tokens] | list[PairTokens], collections.Counter]:
+def _read_cache(path: str) -> tuple[list[Tokens] | list[PairTokens], collections.Counter, int]:
+    """The units, drops and cut prompts a cache holds; ValueError if its arrays disagree."""
     with np.load(path) as z:
-        paired, width = bool(z["paired"]), 3 if bool(z["paired"]) else 2
-        seqs = np.split(z["tokens"], np.cumsum(z["lengths"])[:-1])
-        seqs = [s.tolist() for s in seqs]
-        if paired:
-            units = [PairTokens(*seqs[i:i + 3]) for i in range(0, len(seqs), 3)]
-        else:
-            units = [Tokens(seqs[i], seqs[i + 1], bool(d)) for i, d in zip(range(0, len(seqs), width), z["desirable"])]
-        return units, collections.Counter(json.loads(str(z["dropped"])))
+        paired, tokens, lengths, desirable = bool(z["paired"]), z["tokens"], z["lengths"], z["desirable"]
+        dropped, cut = collections.Counter(json.loads(str(z["dropped"]))), int(z["cut"])
+    width = 3 if paired else 2
+    if not len(desirable) or len(lengths) != width * len(desirable) or lengths.sum() != len(tokens):
+        raise ValueError(f"{path}: {len(lengths)} lengths summing to {lengths.sum()} for {len(desirable)} units "
+                         f"of {width} sequences and {len(tokens)} tokens")
+    seqs = [s.tolist() for s in np.split(tokens, np.cumsum(lengths)[:-1])]
+    if paired:
+        units = [PairTokens(*seqs[i:i + 3]) for i in range(0, len(seqs), 3)]
+    else:
+        units = [Tokens(seqs[i], seqs[i + 1], bool(d)) for i, d in zip(range(0, len(seqs), 2), desirable)]
+    return units, dropped, cut
 
 
 # ----------------------------------------------------------------------------- the run's data
@@ -251,9 +311,11 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
         if cfg.task_demos > 1:
             report.append(f"built-in task: {cfg.task_demos} answers per prompt; {len(units)} prompts got a correct and a wrong "
                           f"one (a pair each), {n_prompts - len(units)} got only one kind (no pair)")
-        units, too_long = data.tokenize(units, cfg.block_size)
+        units, too_long, cut = data.tokenize(units, cfg.block_size)
         if too_long:
             report.append(f"built-in task: dropped {too_long} examples longer than block_size={cfg.block_size}")
+        if cut:
+            report.append(f"built-in task: {cut} prompts cut from the left to fit block_size={cfg.block_size}")
         if not units:
             raise DataError(f"built-in task: no example fits block_size={cfg.block_size}")
     else:
@@ -274,10 +336,12 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
     if cfg.label_noise:
         units = setting(f"label_noise={cfg.label_noise}", data.flip_labels(units, cfg.label_noise, cfg.seed))
     if cfg.loss == "dpo" and not paired:
-        units, unused = data.pair_up(units)
+        units, unused, identical = data.pair_up(units)
         held = data.pair_up(held)[0]
         setting("DPO", units)
         report[-1] += f"; {unused} examples without a partner of the other label are not used"
+        if identical:
+            report[-1] += f"; {identical} pairs skipped: chosen identical to rejected"
         if not units:
             raise DataError(f"{cfg.data}: no prompt has both a desirable and an undesirable example; DPO needs pairs")
     elif cfg.loss != "dpo" and paired:
@@ -289,16 +353,19 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
                         data.keep_desirable(units, cfg.desirable_fraction, cfg.seed))
     control = data.split_pairs(units) if cfg.loss == "dpo" else units
     size = per_batch(cfg, cfg.loss)
-    for stage_units, n in ((sft, cfg.batch_size), (control, cfg.batch_size), (units, size)):
-        data.batch_indices(len(stage_units), n, 0, cfg.seed)  # raises if fewer distinct examples than a batch
-    if held and len(held) < size:
-        raise DataError(f"eval_fraction={cfg.eval_fraction} holds out {len(held)} examples (or pairs), fewer than "
-                        f"one batch of {size}; expected a larger eval_fraction or a smaller batch_size")
+    try:  # the checks see only tokens; the error names the data they came from
+        for stage_units, n in ((sft, cfg.batch_size), (control, cfg.batch_size), (units, size)):
+            data.batch_indices(len(stage_units), n, 0, cfg.seed)  # raises if fewer examples than a batch
+        if held and len(held) < size:
+            raise DataError(f"eval_fraction={cfg.eval_fraction} holds out {len(held)} examples (or pairs), fewer than "
+                            f"one batch of {size}; expected a larger eval_fraction or a smaller batch_size")
+        if cfg.loss == "kto":
+            for checked in (units, held):
+                if checked:
+                    data.check_kl_pairs(checked, cfg.batch_size)
+    except DataError as e:
+        raise DataError(f"{'built-in task' if cfg.data == 'arithmetic' else cfg.data}: {e}") from None
     if held:
         report.append(f"eval: {len(held) // size} batches of {size} every {cfg.eval_interval} iterations"
                       + (f" ({len(held) % size} left over)" if len(held) % size else ""))
-    if cfg.loss == "kto":
-        for checked in (units, held):
-            if checked:
-                data.check_kl_pairs(checked, cfg.batch_size)
     return Data(sft, units, control, held, heldout, report)

@@ -1,4 +1,5 @@
 """The tokenizer, the paper's data settings, batches and the in-batch KL pairs."""
+import json
 import socket
 from collections import Counter
 
@@ -25,10 +26,27 @@ def test_tokenizer_works_offline(monkeypatch, tmp_path):
 def test_a_completion_that_cannot_fit_is_dropped_and_counted():
     ex = data.Example("prompt", " one two three four five", True, "f.jsonl:4")  # 5 tokens and EOT
     pair = data.Pair("prompt", " one", " one two three four five", "f.jsonl:5")
-    assert data.tokenize([ex, ex], block_size=5) == ([], 2)
-    assert data.tokenize([pair], block_size=5) == ([], 1)  # one completion too long drops the pair
-    units, dropped = data.tokenize([ex], block_size=6)
-    assert len(units[0].completion) == 6 and dropped == 0
+    assert data.tokenize([ex, ex], block_size=5) == ([], 2, 0)
+    assert data.tokenize([pair], block_size=5) == ([], 1, 0)  # one completion too long drops the pair
+    units, dropped, cut = data.tokenize([ex], block_size=6)
+    assert len(units[0].completion) == 6 and dropped == 0 and cut == 1  # "prompt" is 2 tokens: 8 > 6 + 1
+
+
+def test_prompts_cut_from_the_left_are_counted():
+    """A unit counts as cut exactly when collate drops prompt tokens: prompt + longest completion (with EOT)
+    over block_size + 1 tokens."""
+    enc = data.get_tokenizer()
+    prompt, short, long = "one two three four", " yes", " five six seven"
+    n = len(enc.encode_ordinary(prompt)) + len(enc.encode_ordinary(long)) + 1  # with EOT
+    fits = n - 1  # the block_size at which all n tokens enter (inputs and the last target)
+    pair = data.Pair(prompt, short, long, "f.jsonl:1")
+    ex = data.Example(prompt, short, True, "f.jsonl:2")
+    for block_size, expected in ((fits, 0), (fits - 1, 1)):
+        units, dropped, cut = data.tokenize([pair], block_size)
+        assert (dropped, cut) == (0, expected)
+        idx, _, _ = data.collate([(units[0].prompt, units[0].rejected)], block_size)
+        assert (idx[0, 0].item() != enc.encode_ordinary(prompt)[0]) == bool(expected)
+    assert data.tokenize([ex], fits - 1)[2] == 0  # the short completion leaves the whole prompt
 
 
 def test_collate_masks_completion_and_eot_and_truncates_prompt_left():
@@ -110,6 +128,19 @@ def test_kl_pairs_never_pair_a_prompt_with_its_own_completions():
         data.check_kl_pairs(examples, batch_size=4)
 
 
+def test_the_kl_check_quotes_the_prompt_it_refuses():
+    """Decoded, on one line, cut to 60 characters."""
+    enc = data.get_tokenizer()
+    long = "\n\nHuman: " + "tell me more " * 10 + "\n\nAssistant:"
+    for prompt, quoted in (("Q: same? A:", '"Q: same? A:"'), (long, json.dumps(long[:60]) + "...")):
+        examples = [data.Tokens(enc.encode_ordinary(prompt), [100 + i, data.EOT], True) for i in range(3)]
+        examples += [data.Tokens([7 + i], [200 + i, data.EOT], False) for i in range(3)]
+        with pytest.raises(data.DataError) as err:
+            data.check_kl_pairs(examples, batch_size=4)
+        assert str(err.value).startswith(f"one prompt has 3 examples ({quoted}), and a KTO batch of 4")
+        assert "\n" not in str(err.value)
+
+
 def tokens(desirable: list[bool]) -> list[data.Tokens]:
     return [data.Tokens([i % 7], [100 + i, data.EOT], d) for i, d in enumerate(desirable)]
 
@@ -164,8 +195,11 @@ def test_pairs_split_and_pair_up():
     examples = data.split_pairs(pairs)
     assert examples == [data.Tokens([1], [2, data.EOT], True), data.Tokens([1], [3, data.EOT], False),
                         data.Tokens([4], [5, data.EOT], True, "flipped"), data.Tokens([4], [6, data.EOT], False, "flipped")]
-    again, unused = data.pair_up(examples + [data.Tokens([7], [8, data.EOT], True)])
-    assert again == pairs and unused == 1
+    again, unused, identical = data.pair_up(examples + [data.Tokens([7], [8, data.EOT], True)])
+    assert again == pairs and unused == 1 and identical == 0
+    # a prompt whose desirable and undesirable completion are the same gives no pair, and is counted
+    same = [data.Tokens([9], [5, data.EOT], True), data.Tokens([9], [5, data.EOT], False)]
+    assert data.pair_up(examples + same) == (pairs, 0, 1)
     batch = data.make_batch(pairs, block_size=8, with_kl=False)
     assert batch["targets"][batch["scored"]].tolist() == [2, data.EOT, 3, data.EOT, 5, data.EOT, 6, data.EOT]
     assert batch["tag"].tolist() == [0, 0, 1, 1]
