@@ -80,7 +80,8 @@ class Lab:
         cfg = dataclasses.replace(self.base, seed=seed, resume=True, control=False,
                                   **{k: v for k, v in overrides.items() if not (k == "loss" and start_only)})
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
-        out_dir = os.path.join(self.base.out_dir, "runs", f"{digest({**settings, 'start_only': start_only, 'weigh': weigh})}-seed{seed}")
+        key = digest({**settings, "start_only": start_only, "weigh": weigh})
+        out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
         self.dirs[name, seed] = out_dir
         path = os.path.join(out_dir, "result.json")
         if os.path.exists(path):
