@@ -49,7 +49,7 @@ def hugging_face(path: str) -> bool:
 
 def build_model(cfg: TrainConfig, init: str | None, device: torch.device) -> GPT:
     """A fresh GPT (seeded identically on every rank), or the model of a checkpoint: a Hugging Face GPT-2 (a
-    directory, a .safetensors or a .bin file) or ours (any other file). The run's dropout governs every model."""
+    directory, a .safetensors or .bin file, the .index.json of shards) or ours (any other file). The run's dropout governs every model."""
     if init is None:
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,

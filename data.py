@@ -235,7 +235,7 @@ def collate(pairs: list[tuple[list[int], list[int]]], block_size: int) -> tuple[
     """
     rows = []
     for prompt, completion in pairs:
-        assert prompt and len(completion) <= block_size, "tokenize() rejects empty prompts and completions that cannot fit"
+        assert prompt and len(completion) <= block_size, "empty prompts are refused on reading, completions that cannot fit by tokenize()"
         prompt = prompt[max(0, len(prompt) + len(completion) - block_size - 1):]
         rows.append((prompt + completion, len(prompt)))
     T = max(len(seq) for seq, _ in rows) - 1
@@ -273,7 +273,7 @@ def check_kl_pairs(examples: list[Tokens], batch_size: int) -> None:
     prompt, m = collections.Counter(tuple(ex.prompt) for ex in examples).most_common(1)[0]
     if 2 * min(m, batch_size) > batch_size:
         text = get_tokenizer().decode(list(prompt))
-        quoted = json.dumps(text[:60]) + ("..." if len(text) > 60 else "")  # json: the prompt's newlines stay on one line
+        quoted = json.dumps(text[:60], ensure_ascii=False) + ("..." if len(text) > 60 else "")  # newlines kept on one line
         raise DataError(f"one prompt has {m} examples ({quoted}), and a KTO batch of {batch_size} could hold more than half "
                         f"its rows from it, leaving no mismatched completion for KL pairs; expected batch_size "
                         f"of at least {2 * m}")

@@ -192,12 +192,8 @@ def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Count
 CACHE_VERSION = 2  # raise when the cache's layout or the parsing changes
 
 
-def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[Tokens] | list[PairTokens], list[str]]:
-    """Read and tokenize a data file, through a cache of numpy arrays beside it (nanoGPT's habit) that
-    a changed file, tokenizer or block_size invalidates. Returns the units and the report of what was dropped,
-    cut and repeated."""
-    if os.path.exists(path) and not os.path.isfile(path):  # a pipe (--data=<(...)) could not be read twice
-        raise DataError(f"{path}: not a regular file; expected a regular .jsonl or .jsonl.gz file")
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes: what a data file is, whatever its name."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -205,9 +201,18 @@ def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[T
                 digest.update(block)
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    digest.update(f"{data.VOCAB_SHA256} {data.GPT2_PATTERN} {block_size} {CACHE_VERSION}".encode())
+    return digest.hexdigest()
+
+
+def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[Tokens] | list[PairTokens], list[str]]:
+    """Read and tokenize a data file, through a cache of numpy arrays beside it (nanoGPT's habit) that
+    a changed file, tokenizer or block_size invalidates. Returns the units and the report of what was dropped,
+    cut and repeated."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe (--data=<(...)) could not be read twice
+        raise DataError(f"{path}: not a regular file; expected a regular .jsonl or .jsonl.gz file")
+    key = f"{file_sha256(path)} {data.VOCAB_SHA256} {data.GPT2_PATTERN} {block_size} {CACHE_VERSION}"
     cache = os.path.join(os.path.dirname(os.path.abspath(path)), ".kto_cache",
-                         f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.npz")
+                         f"{os.path.basename(path)}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
     report, units = [], None
     if os.path.exists(cache):
         try:
@@ -337,11 +342,14 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
         units = setting(f"label_noise={cfg.label_noise}", data.flip_labels(units, cfg.label_noise, cfg.seed))
     if cfg.loss == "dpo" and not paired:
         units, unused, identical = data.pair_up(units)
-        held = data.pair_up(held)[0]
+        held, held_unused, held_identical = data.pair_up(held)
         setting("DPO", units)
         report[-1] += f"; {unused} examples without a partner of the other label are not used"
         if identical:
             report[-1] += f"; {identical} pairs skipped: chosen identical to rejected"
+        if held_unused or held_identical:
+            report.append(f"eval, DPO: {held_unused} held-out examples without a partner of the other label and "
+                          f"{held_identical} pairs whose chosen is identical to rejected are not used")
         if not units:
             raise DataError(f"{cfg.data}: no prompt has both a desirable and an undesirable example; DPO needs pairs")
     elif cfg.loss != "dpo" and paired:

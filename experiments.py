@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -24,6 +25,7 @@ from tqdm import tqdm
 import checkpoint
 import config
 import data
+import dataset
 import kto
 import metrics
 import task
@@ -80,6 +82,8 @@ class Lab:
         cfg = dataclasses.replace(self.base, seed=seed, resume=True, control=False,
                                   **{k: v for k, v in overrides.items() if not (k == "loss" and start_only)})
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+        if cfg.data != "arithmetic":  # the file's content, not only its name
+            settings["data_sha256"] = dataset.file_sha256(cfg.data)
         key = digest({**settings, "start_only": start_only, "weigh": weigh})
         out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
         self.dirs[name, seed] = out_dir
@@ -87,6 +91,8 @@ class Lab:
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
+        if weigh and os.path.isdir(out_dir):  # unfinished: a checkpoint past a stop would be weighed in its place
+            shutil.rmtree(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         cfg = dataclasses.replace(cfg, out_dir=out_dir)
         config.check_config(cfg)
@@ -143,7 +149,7 @@ class Lab:
 
 @torch.no_grad()
 def weigh_examples(model: torch.nn.Module, cfg: config.TrainConfig, units: list[data.Tokens], init: str | None,
-          device: torch.device) -> dict[str, list]:
+                   device: torch.device) -> dict[str, list]:
     """z, the Prop. 4.1 weight and `saturated` of the training examples under `model` (KTO), in whole
     batches taken in order, and each one's group."""
     reference = checkpoint.build_model(cfg, init, device).eval()
@@ -504,11 +510,13 @@ def main() -> None:
             if not value.isdigit() or not 1 <= int(value) <= len(SEEDS):
                 raise SystemExit(f"error: --seeds={value}: expected an integer from 1 to {len(SEEDS)}")
             seeds = int(value)
-        elif key in LESSON_KEYS:
-            raise SystemExit(f"error: {arg}: the lessons set {', '.join(LESSON_KEYS)} themselves (seeds: --seeds=N)")
         else:
             overrides.append(arg)
     base = config.parse_config([f"--{k}={v}" for k, v in LESSON_DEFAULTS.items()] + overrides)
+    for key in LESSON_KEYS:  # given on the command line or in a preset file
+        if getattr(base, key) != getattr(config.TrainConfig(), key):
+            raise SystemExit(f"error: {key}={getattr(base, key)!r}: the lessons set {', '.join(LESSON_KEYS)} themselves "
+                             f"(seeds: --seeds=N)")
     _, _, device = train.setup_distributed(base)
     trains = "" if lesson == "value" else f"seeds {', '.join(map(str, SEEDS[:seeds]))}; "
     print(f"lesson {lesson}: {trains}device {device}, torch {torch.__version__}")

@@ -5,6 +5,7 @@ the ranks for all the steps since the last, only when rows are written (log and 
 """
 import json
 import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -132,12 +133,24 @@ def format_metrics(m: dict) -> str:
 
 def drop_rows(path: str, stale: Callable[[dict], bool]) -> None:
     """Rewrite metrics.jsonl without the rows `stale` picks (those a resumed stage will write again, say)
-    and without a last line cut short by a crash; through a temporary file, so a crash here loses nothing."""
+    and without lines a crash cut short (counted on stderr); through a temporary file, so a crash here
+    loses nothing."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.endswith("\n") and not stale(json.loads(line))]
+    kept, broken = [], 0
+    for line in lines:
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            broken += 1
+        elif not stale(row):
+            kept.append(line)
+    if broken:
+        print(f"note: {path}: dropped {broken} unreadable lines (cut short by a crash?)", file=sys.stderr)
     if len(kept) < len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)

@@ -166,6 +166,9 @@ class GPT(nn.Module):
         hf = read_json_object(config_path) if os.path.exists(config_path) else None
         source = weights if hf is None else config_path
         if hf is not None:
+            for key in ("n_layer", "n_head", "n_embd", "n_positions", "n_ctx", "vocab_size"):
+                if key in hf and (type(hf[key]) is not int or hf[key] < 1):
+                    raise ValueError(f"{config_path}: {key}={hf[key]!r}; expected a positive integer")
             given = {"n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd"),
                      "block_size": hf.get("n_positions", hf.get("n_ctx")), "vocab_size": hf.get("vocab_size")}
             shape.update({key: value for key, value in given.items() if value is not None})  # the rest: from the tensors
@@ -243,8 +246,9 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".index.json"):
         files = [os.path.join(folder, shard) for shard in shard_files(path)]
     else:
+        name = os.path.basename(path)  # save_pretrained names shards model-00001-of-00002.safetensors
         for index in (os.path.join(folder, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")):
-            if os.path.exists(index) and os.path.basename(path) in shard_files(index):
+            if "-of-" in name and os.path.exists(index) and name in shard_files(index):
                 raise ValueError(f"{path}: one shard of several ({index} names them all); expected its directory")
         files = [path]
     state = {}

@@ -211,7 +211,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
             print(f"{name}: checkpoint at iteration {start}, nothing to train")
         return model
     if rank == 0:  # rows written after the checkpoint (an interrupted run, an older run here) are written again
-        metrics.drop_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), lambda row: row.get("stage") == name and row["iter"] > start)
+        metrics.drop_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), lambda row: row.get("stage") == name and row.get("iter", 0) > start)
 
     precomputed = eval_precomputed = None
     if reference is not None and cfg.reference == "precomputed":

@@ -132,7 +132,8 @@ def test_the_kl_check_quotes_the_prompt_it_refuses():
     """Decoded, on one line, cut to 60 characters."""
     enc = data.get_tokenizer()
     long = "\n\nHuman: " + "tell me more " * 10 + "\n\nAssistant:"
-    for prompt, quoted in (("Q: same? A:", '"Q: same? A:"'), (long, json.dumps(long[:60]) + "...")):
+    for prompt, quoted in (("Q: café? A:", '"Q: café? A:"'),
+                           (long, '"\\n\\nHuman: ' + "tell me more " * 3 + 'tell me more"...')):
         examples = [data.Tokens(enc.encode_ordinary(prompt), [100 + i, data.EOT], True) for i in range(3)]
         examples += [data.Tokens([7 + i], [200 + i, data.EOT], False) for i in range(3)]
         with pytest.raises(data.DataError) as err:

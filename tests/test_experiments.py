@@ -69,9 +69,12 @@ def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
 
 def test_settings_the_lessons_set_are_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    for arg in ("--seed=3", "--init_from=scratch", "--resume=false"):
-        result = subprocess.run([sys.executable, "experiments.py", "dpo", arg, f"--out_dir={tmp_path}"], cwd=ROOT, env=env,
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"control": False}))
+    for args, said in ((["--seed=3"], "seed=3"), (["--init_from=scratch"], "init_from='scratch'"),
+                       (["--resume=true"], "resume=True"), ([str(preset)], "control=False")):
+        result = subprocess.run([sys.executable, "experiments.py", "dpo"] + args + [f"--out_dir={tmp_path}"], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=120)
-        assert result.returncode == 1 and result.stderr.startswith(f"error: {arg}:"), result.stderr
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {said}:"), result.stderr
     unknown = subprocess.run([sys.executable, "experiments.py", "valu"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert unknown.returncode == 1 and "unknown lesson 'valu'" in unknown.stderr

@@ -197,7 +197,8 @@ def test_a_sharded_checkpoint_loads_to_the_same_log_probs(tmp_path, fmt):
     ({"n_head": 3}, r"config.json: n_embd=128 is not divisible by n_head=3"),
     ("{not json", r"config.json: not readable JSON \(JSONDecodeError"),
     ("[1, 2]", r"config.json: expected a JSON object, found list"),
-], ids=["scale_attn_weights", "scale_attn_by_inverse_layer_idx", "n_head", "corrupt JSON", "not an object"])
+    ({"n_head": "2"}, r"config.json: n_head='2'; expected a positive integer"),
+], ids=["scale_attn_weights", "scale_attn_by_inverse_layer_idx", "n_head", "corrupt JSON", "not an object", "a string"])
 def test_a_config_that_does_not_fit_names_the_file_in_one_line(tmp_path, config, message):
     model = gpt2_like()
     write_safetensors(tmp_path / "model.safetensors", hf_state(model, "", buffers=False, head=False))

@@ -14,6 +14,7 @@ import checkpoint
 import config
 import data
 import dataset
+import metrics as metrics_module
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,7 @@ def test_stop_and_resume_equals_one_run(tmp_path):
     with open(stopped / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"stage": "kto", "iter": 3, "loss": -1.0}) + "\n" + '{"stage": "kto", "it')
     run(base + ["--max_iters=4", "--resume=true", f"--out_dir={stopped}"])
-    for stage in ("kto", "control"):
+    for stage in ("sft", "kto", "control"):
         a, b = params(straight, stage), params(stopped, stage)
         for name in a:
             assert torch.equal(a[name], b[name]), (stage, name)
@@ -90,6 +91,17 @@ def test_stop_and_resume_equals_one_run(tmp_path):
     assert torch.load(stopped / "kto.pt", weights_only=True)["iter"] == 4
     utilities = [r["eval"] for r in map(json.loads, open(stopped / "metrics.jsonl")) if "sampled" in r]
     assert utilities == ["SFT", "SFT+KTO", "SFT+SFT (control)"]  # the rerun's replace the first run's
+
+
+def test_drop_rows_drops_the_stale_and_the_broken_only(tmp_path):
+    kept = [{"stage": "sft", "iter": 3}, {"stage": "kto", "iter": 1}, {"stage": "kto", "iter": 1, "eval": {"loss": 1.0}},
+            {"eval": "SFT", "sampled": {"utility": 0.5}}]
+    stale = [{"stage": "kto", "iter": 2}]
+    lines = [json.dumps(r) + "\n" for r in kept[:2] + stale] + ['{"stage": "kto", "it{"stage": "kto", "iter": 5}\n', "[1, 2]\n"]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(lines + [json.dumps(r) + "\n" for r in kept[2:]]) + '{"stage": "kto"')
+    metrics_module.drop_rows(str(path), lambda row: row.get("stage") == "kto" and row.get("iter", 0) > 1)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == kept
 
 
 def test_main_job_prints_utility_table(tmp_path):
