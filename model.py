@@ -177,7 +177,7 @@ class GPT(nn.Module):
                                   ("scale_attn_weights", (True,)), ("scale_attn_by_inverse_layer_idx", (False,))):
                 if hf.get(key, expected[0]) not in expected:
                     raise ValueError(f"{config_path}: {key}={hf[key]!r}; expected {' or '.join(map(repr, expected))} as in GPT-2")
-        if hf is None or hf.get("n_head") is None:
+        if (hf is None or hf.get("n_head") is None) and os.environ.get("RANK", "0") == "0":  # once under torchrun
             where = f"no config.json beside {weights}" if hf is None else f"{config_path} has no n_head"
             print(f"note: {where}: assuming 64-wide heads (n_head={shape['n_head']})", file=sys.stderr)
         if shape["n_embd"] % shape["n_head"]:
