@@ -61,6 +61,15 @@ def parse(args: list[str]) -> BenchConfig:
             setattr(cfg, key, {"true": True, "false": False}[value.lower()] if kind is bool else kind(value))
         except (KeyError, ValueError):
             raise SystemExit(f"error: --{key}={value}: expected {kind.__name__}") from None
+    least = {"n_layer": 1, "n_head": 1, "n_embd": 1, "prompt_tokens": 1, "completion_tokens": 1, "steps": 1, "warmup": 0,
+             "batch_size": 2}  # a KL pair needs another row; completion_tokens counts the EOT
+    for key, low in least.items():
+        if getattr(cfg, key) < low:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)}: expected at least {low}")
+    if cfg.n_embd % cfg.n_head:
+        raise SystemExit(f"error: --n_embd={cfg.n_embd}: expected a multiple of n_head={cfg.n_head}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={cfg.device}: no CUDA device here")
     if cfg.dtype not in ("float32", "bfloat16") or (cfg.dtype == "bfloat16") != (cfg.device.startswith("cuda")):
         raise SystemExit("error: dtype: expected float32 on the CPU, bfloat16 on CUDA (autocast)")
     return cfg

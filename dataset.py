@@ -185,7 +185,8 @@ def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Count
     except (OSError, EOFError, zlib.error) as e:  # gzip: a truncated or corrupt file
         raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from None
     if not units:
-        raise DataError(f"{path}: no examples" + (f" ({sum(dropped.values())} rows dropped)" if dropped else ""))
+        reasons = "; ".join(f"{n} rows: {reason}" for reason, n in sorted(dropped.items()))
+        raise DataError(f"{path}: no examples" + (f" (dropped {reasons})" if dropped else ""))
     return units, dropped
 
 

@@ -4,12 +4,12 @@
     python experiments.py noise --seeds=3           # KTO vs DPO with 0-30% of labels flipped
     python experiments.py dpo --seeds=1 --max_iters=100 --device=cuda   # any train.py setting after the lesson
 
-Lessons: value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict (see LESSONS).
+Lessons: value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict.
 Each trains with train.py's own functions, shares one SFT stage per seed and data set, keeps every run in
 out_dir/runs/ under a digest of its settings (a run finished by any lesson is not trained again; a changed
 setting makes a new run), prints its table (mean and min-max over seeds) and writes out_dir/LESSON/LESSON.json
 and LESSON.png. Figures need matplotlib; without it the numbers still come. The lessons set seed, resume,
-control and init_from themselves; --seeds=N takes the first N of SEEDS.
+control and init_from themselves; --seeds=N (default 3) takes the first N of 1337, 1, 2, 3, ..., 9.
 """
 import dataclasses
 import hashlib

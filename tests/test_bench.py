@@ -16,5 +16,7 @@ def test_bench_prints_its_json_line():
     assert "aten::mm" in result.stdout.split("where 5 KTO steps spend their time")[1]  # the profile's table
     assert set(numbers) == {"sft_ms", "kto_ms", "kto_precomputed_ms", "ratio_kto", "ratio_kto_precomputed"}
     assert abs(numbers["ratio_kto"] - numbers["kto_ms"] / numbers["sft_ms"]) < 0.01
-    bad = subprocess.run([sys.executable, "bench.py", "--dtype=bfloat16"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and bad.stderr.startswith("error: dtype")
+    for arg, said in (("--dtype=bfloat16", "error: dtype"), ("--steps=0", "error: --steps=0: expected at least 1"),
+                      ("--batch_size=1", "error: --batch_size=1: expected at least 2"), ("--n_head=3", "error: --n_embd=128")):
+        bad = subprocess.run([sys.executable, "bench.py", arg], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert bad.returncode != 0 and bad.stderr.startswith(said), bad.stderr
