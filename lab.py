@@ -1,0 +1,143 @@
+"""The lessons' runs: each a train.py stage from a shared SFT model, evaluated on the built-in task, and kept
+under a digest of its settings so that any lesson finds it again (experiments.py holds the lessons)."""
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+from tqdm import tqdm
+
+import checkpoint
+import config
+import data
+import dataset
+import metrics
+import task
+import train
+
+SEEDS = (1337, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+# What the SFT stage depends on: runs that agree on these share it.
+SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_max_operand", "task_demos", "eval_fraction", "seed", "n_layer",
+            "n_head", "n_embd", "block_size", "dropout", "bias", "sft_init", "sft_iters", "sft_lr", "batch_size",
+            "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_iters", "device")
+
+
+def digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Lab:
+    """One lesson's runs: each a train.py stage from the shared SFT model of its seed, then evaluated.
+
+    Runs live in out_dir/runs/, named by a digest of all their settings: a run is trained once, whichever
+    lesson asks for it first, and a changed setting makes a new run."""
+
+    def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device):
+        self.lesson, self.base, self.seeds, self.device = lesson, base, SEEDS[:seeds], device
+        self.dir = os.path.join(base.out_dir, lesson)  # the lesson's table and figure
+        self.dirs: dict[tuple[str, int], str] = {}  # (run name, seed) -> its folder in out_dir/runs
+        os.makedirs(self.dir, exist_ok=True)
+
+    def sft(self, cfg: config.TrainConfig) -> str:
+        """The path of the SFT checkpoint for cfg's data and seed, trained on first use."""
+        key = {k: getattr(cfg, k) for k in SFT_KEYS}
+        out_dir = os.path.join(self.base.out_dir, "sft", f"{digest(key)}-seed{cfg.seed}")
+        os.makedirs(out_dir, exist_ok=True)
+        sft_cfg = config.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
+        _, d = train.prepare(sft_cfg)
+        init = None if cfg.sft_init == "scratch" else cfg.sft_init
+        train.train_stage(sft_cfg, "sft", "sft", init, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
+        return os.path.join(out_dir, "sft.pt")
+
+    def run(self, name: str, seed: int, weigh: bool = False, **overrides) -> dict:
+        """Train one run (loss and settings from overrides) and evaluate it; cached in its result.json.
+
+        loss="none" evaluates the SFT start itself. weigh: also record z, weight and `saturated` of every
+        training example at the start, the middle and the end (the saturation lesson)."""
+        start_only = overrides.get("loss") == "none"
+        cfg = dataclasses.replace(self.base, seed=seed, resume=True, control=False,
+                                  **{k: v for k, v in overrides.items() if not (k == "loss" and start_only)})
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+        if cfg.data != "arithmetic":  # the file's content, not only its name
+            settings["data_sha256"] = dataset.file_sha256(cfg.data)
+        key = digest({**settings, "start_only": start_only, "weigh": weigh})
+        out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
+        self.dirs[name, seed] = out_dir
+        path = os.path.join(out_dir, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        if weigh and os.path.isdir(out_dir):  # unfinished: a checkpoint past a stop would be weighed in its place
+            shutil.rmtree(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        config.check_config(cfg)
+        cfg, d = train.prepare(cfg)
+        init = None if cfg.init_from == "scratch" else self.sft(cfg)
+        result = {"name": name, "seed": seed, "settings": settings, "start_only": start_only, "report": d.report,
+                  "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u}
+        if start_only:
+            model = checkpoint.build_model(cfg, init, self.device)
+        else:
+            # Training stops at each point to weigh the examples, then resumes (resume=True), as if never stopped.
+            stops = (0, cfg.max_iters // 2, cfg.max_iters) if weigh else (cfg.max_iters,)
+            for stop in stops:
+                model = train.train_stage(cfg, cfg.loss, cfg.loss, init, stop, "lr", d.main, 0, 1, self.device,
+                                          progress=False)
+                if weigh:
+                    result.setdefault("weights", {})[str(stop)] = weigh_examples(model, cfg, d.main, init, self.device)
+        result.update(sampled=task.evaluate(model, d.heldout, cfg.eval_samples, 1.0, seed, self.device, cfg.eval_tokens),
+                      greedy=task.evaluate(model, d.heldout, 1, 0.0, seed, self.device, cfg.eval_tokens))
+        if cfg.contradict:  # what became of the contradicted prompts, against the others of training
+            tagged = {}
+            for u in d.main:
+                tagged.setdefault(data.get_tokenizer().decode(u.prompt), set()).add(u.tag)
+            for group in ("contradicted", "clean"):
+                prompts = [p for p, tags in tagged.items() if tags == {group}]
+                result[f"greedy_{group}_prompts"] = task.evaluate(model, prompts, 1, 0.0, seed, self.device, cfg.eval_tokens)
+        with open(path, "w") as f:
+            json.dump(result, f)
+        return result
+
+    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False) -> dict[str, list[dict]]:
+        """Every (name, overrides) of the plan for every seed, under one progress bar."""
+        results: dict[str, list[dict]] = {name: [] for name, _ in plan}
+        bar = tqdm(total=len(plan) * len(self.seeds), desc=self.lesson, unit="run", dynamic_ncols=True)
+        for seed in self.seeds:
+            for name, overrides in plan:
+                bar.set_postfix_str(f"{name} seed {seed}")
+                results[name].append(self.run(name, seed, weigh, **overrides))
+                bar.update(1)
+        bar.close()
+        return results
+
+    def rows(self, name: str, seed: int) -> list[dict]:
+        """The training rows of one run, one per iteration."""
+        with open(os.path.join(self.dirs[name, seed], "metrics.jsonl")) as f:
+            return [row for row in map(json.loads, f) if "iter" in row]
+
+    def save(self, numbers: dict) -> None:
+        path = os.path.join(self.dir, f"{self.lesson}.json")
+        with open(path, "w") as f:
+            json.dump(numbers, f, indent=1)
+        print(f"numbers: {path}")
+
+
+@torch.no_grad()
+def weigh_examples(model: torch.nn.Module, cfg: config.TrainConfig, units: list[data.Tokens], init: str | None,
+                   device: torch.device) -> dict[str, list]:
+    """z, the Prop. 4.1 weight and `saturated` of the training examples under `model` (KTO), in whole
+    batches taken in order, and each one's group."""
+    reference = checkpoint.build_model(cfg, init, device).eval()
+    model.eval()
+    out: dict[str, list] = {"z": [], "weight": [], "saturated": [], "group": []}
+    for number, indices in enumerate(data.eval_batches(len(units), cfg.batch_size)):
+        batch = train.load_batch(units, indices, number, cfg, "kto", 0, 1, device, None)
+        _, stats = train.compute_loss(model, reference, batch, cfg, "kto")
+        for key in ("z", "weight", "saturated"):
+            out[key] += stats[key].tolist()
+        out["group"] += [metrics.group_of(data.TAGS.index(units[i].tag), units[i].desirable) for i in indices]
+    model.train()
+    return out
