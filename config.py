@@ -28,12 +28,12 @@ class TrainConfig:
     label_noise: float = 0.0  # fraction of labels flipped (pairs: chosen and rejected swapped)
     one_y_per_x: bool = False  # keep one completion per prompt
     desirable_fraction: float = 1.0  # keep this fraction of the desirable examples (the paper's 1:10 run: 0.1)
-    # model (ignored when starting from a checkpoint, which carries its own shape; dropout always applies)
+    # model (ignored when starting from a checkpoint, which carries its own shape; dropout as set here)
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
-    dropout: float = 0.0
+    dropout: float = 0.0  # SFT stages only: KTO and DPO run without it (it would bias r and z_ref)
     bias: bool = True
     # stages
     loss: str = "kto"  # the main loss: "kto", "dpo" (on pairs, beside it) or "sft"

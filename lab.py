@@ -3,8 +3,10 @@ under a digest of its settings so that any lesson finds it again (experiments.py
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 
 import torch
 from tqdm import tqdm
@@ -28,6 +30,35 @@ def digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def content_sha256(path: str) -> str:
+    """What a file, or a directory's files (a Hugging Face checkpoint), hold, whatever their name."""
+    if not os.path.isdir(path):
+        return dataset.file_sha256(path)
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+    return digest({f: dataset.file_sha256(os.path.join(path, f)) for f in files})
+
+
+def contents(cfg: config.TrainConfig, keys: tuple[str, ...]) -> dict:
+    """The content digests of the files cfg's `keys` name (a data file, a start checkpoint): a file replaced
+    at the same path makes new runs."""
+    return {f"{key}_sha256": content_sha256(getattr(cfg, key)) for key in keys
+            if getattr(cfg, key) not in ("arithmetic", "scratch", "sft")}
+
+
+def strict(obj):
+    """obj with NaN (a group absent at an iteration, say) as None: strict JSON has no NaN nor infinity."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def write_json(path: str, obj) -> None:
+    """As strict JSON, through a temporary file: a kill mid-write never leaves half a file."""
+    checkpoint.write_atomic(path, lambda f: f.write(json.dumps(strict(obj), indent=1, allow_nan=False).encode()))
+
+
 class Lab:
     """One lesson's runs: each a train.py stage from the shared SFT model of its seed, then evaluated.
 
@@ -43,7 +74,7 @@ class Lab:
     def sft(self, cfg: config.TrainConfig) -> str:
         """The path of the SFT checkpoint for cfg's data and seed, trained on first use."""
         key = {k: getattr(cfg, k) for k in SFT_KEYS}
-        out_dir = os.path.join(self.base.out_dir, "sft", f"{digest(key)}-seed{cfg.seed}")
+        out_dir = os.path.join(self.base.out_dir, "sft", f"{digest({**key, **contents(cfg, ('data', 'sft_init'))})}-seed{cfg.seed}")
         os.makedirs(out_dir, exist_ok=True)
         sft_cfg = config.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
         _, d = train.prepare(sft_cfg)
@@ -60,15 +91,17 @@ class Lab:
         cfg = dataclasses.replace(self.base, seed=seed, resume=True, control=False,
                                   **{k: v for k, v in overrides.items() if not (k == "loss" and start_only)})
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
-        if cfg.data != "arithmetic":  # the file's content, not only its name
-            settings["data_sha256"] = dataset.file_sha256(cfg.data)
+        settings.update(contents(cfg, ("data", "sft_init", "init_from")))  # the files' content, not only their names
         key = digest({**settings, "start_only": start_only, "weigh": weigh})
         out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
         self.dirs[name, seed] = out_dir
         path = os.path.join(out_dir, "result.json")
         if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+            try:
+                with open(path) as f:
+                    return json.load(f)
+            except ValueError:  # cut short by an older version's kill mid-write: the run is finished again
+                print(f"note: {path} is unreadable; its run is resumed and evaluated again", file=sys.stderr)
         if weigh and os.path.isdir(out_dir):  # unfinished: a checkpoint past a stop would be weighed in its place
             shutil.rmtree(out_dir)
         os.makedirs(out_dir, exist_ok=True)
@@ -97,8 +130,7 @@ class Lab:
             for group in ("contradicted", "clean"):
                 prompts = [p for p, tags in tagged.items() if tags == {group}]
                 result[f"greedy_{group}_prompts"] = task.evaluate(model, prompts, 1, 0.0, seed, self.device, cfg.eval_tokens)
-        with open(path, "w") as f:
-            json.dump(result, f)
+        write_json(path, result)
         return result
 
     def runs(self, plan: list[tuple[str, dict]], weigh: bool = False) -> dict[str, list[dict]]:
@@ -120,8 +152,7 @@ class Lab:
 
     def save(self, numbers: dict) -> None:
         path = os.path.join(self.dir, f"{self.lesson}.json")
-        with open(path, "w") as f:
-            json.dump(numbers, f, indent=1)
+        write_json(path, numbers)
         print(f"numbers: {path}")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 
 
@@ -131,10 +132,15 @@ def format_metrics(m: dict) -> str:
     return " | ".join(parts)
 
 
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Append rows to metrics.jsonl as strict JSON: a non-finite number is an error, never a bare NaN."""
+    with open(path, "a") as f:
+        f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+
+
 def drop_rows(path: str, stale: Callable[[dict], bool]) -> None:
     """Rewrite metrics.jsonl without the rows `stale` picks (those a resumed stage will write again, say)
-    and without lines a crash cut short (counted on stderr); through a temporary file, so a crash here
-    loses nothing."""
+    and without lines a crash cut short (counted on stderr), through checkpoint.write_atomic."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -152,6 +158,4 @@ def drop_rows(path: str, stale: Callable[[dict], bool]) -> None:
     if broken:
         print(f"note: {path}: dropped {broken} unreadable lines (cut short by a crash?)", file=sys.stderr)
     if len(kept) < len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        checkpoint.write_atomic(path, lambda f: f.write("".join(kept).encode()))

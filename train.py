@@ -16,7 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import json
+import math
 import os
 import sys
 import time
@@ -78,17 +78,27 @@ def compute_loss(policy: torch.nn.Module, reference: GPT | None, batch: dict[str
                         cfg.beta, cfg.lambda_d, cfg.lambda_u)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def precision(device: torch.device) -> str:
     """bf16 autocast on CUDA (GPT.forward keeps log_softmax in fp32); plain fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast of `precision`."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if precision(device) == "bf16" else contextlib.nullcontext()
+
+
+class NonFinite(Exception):
+    """A step whose loss, gradient norm or stats are not finite on some rank: it was not applied."""
 
 
 def train_step(policy: torch.nn.Module, model: GPT, reference: GPT | None, optimizer: torch.optim.Optimizer,
                batches: list[dict[str, torch.Tensor]], cfg: TrainConfig, loss_name: str,
                world_size: int) -> list[dict[str, torch.Tensor]]:
-    """One optimizer step over micro-batches already on the device; returns each one's stats (on the device)."""
+    """One optimizer step over micro-batches already on the device; returns each one's stats (on the device).
+    Raises NonFinite, before the optimizer steps, if any rank's loss, gradient norm or stats are not finite."""
     amp = autocast(batches[0]["idx"].device)
-    stats = []
+    stats, losses = [], []
     for micro, batch in enumerate(batches):
         last = micro == len(batches) - 1
         # Gradients are all-reduced once per optimizer step, on the last micro-step.
@@ -98,8 +108,18 @@ def train_step(policy: torch.nn.Module, model: GPT, reference: GPT | None, optim
                 loss, s = compute_loss(policy, reference, batch, cfg, loss_name)
             (loss / len(batches)).backward()
         stats.append(s)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        losses.append(loss.detach().float())
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    # One flag per quantity, the largest over ranks: every rank then stops at the same step (one host sync a step).
+    sums = torch.stack([v.float() for s in stats for v in s.values() if v.dim() == 0])
+    bad = torch.stack([~torch.isfinite(torch.stack(losses)).all(), ~torch.isfinite(norm), ~torch.isfinite(sums).all()]).float()
+    if world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.any():
+        optimizer.zero_grad(set_to_none=True)
+        loss_bad, norm_bad, stats_bad = bad.tolist()
+        raise NonFinite(", ".join(what for what, b in (("the loss", loss_bad), ("the gradient norm", norm_bad),
+                                                     ("the stats (rewards, KL)", stats_bad and not loss_bad)) if b))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
@@ -145,8 +165,8 @@ def precompute_reference(reference: GPT, units: data.Units, eval_units: data.Uni
     """reference="precomputed": the reference's log-probs of every training example (or pair) and of the
     KL pairs of every batch that iterations 0..iters-1 draw (the batches follow from the seed alone), and
     the same for the eval batches. Rank 0 computes them once and stores them in `directory`, where runs with
-    the same start, data and batches (a sweep) find them again. Returns (training, eval) tensors."""
-    path = os.path.join(directory, f"reference-{key}.pt")
+    the same start, data, batches, device and precision (a sweep) find them again. Returns (training, eval) tensors."""
+    path = os.path.join(directory, f"reference-{key}-{device.type}-{precision(device)}.pt")
     size = per_batch(cfg, loss_name)
     n_batches = iters * cfg.grad_accum
     if rank == 0 and not (os.path.exists(path) and torch.load(path, weights_only=True)["batches"] >= n_batches):
@@ -175,13 +195,19 @@ def lr_at(it: int, lr: float, warmup_iters: int) -> float:
 
 # ----------------------------------------------------------------------------- one stage
 
+def diverged(name: str, it: int, what: str, path: str, lr_key: str) -> str:
+    """The one line a stage ends with when training stops being finite; its last checkpoint is left as it was."""
+    kept = f"{path} (iteration {checkpoint.read(path)['iter']}) is kept" if os.path.exists(path) else "no checkpoint was written"
+    return f"error: {name} stage, iteration {it}: {what}; nothing was saved and {kept}; a lower {lr_key} may help"
+
+
 def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int, lr_key: str,
                 units: data.Units, rank: int, world_size: int, device: torch.device, progress: bool = True,
                 eval_units: data.Units = ()) -> GPT:
     """Train one stage to `iters` iterations from `init` (None: a fresh model) at the learning rate
     cfg.<lr_key>; return the model. With eval_units, the eval loss is written every eval_interval."""
-    path = os.path.join(cfg.out_dir, f"{name}.pt")
-    model = checkpoint.build_model(cfg, init, device)
+    path, log_path = os.path.join(cfg.out_dir, f"{name}.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    model = checkpoint.build_model(cfg, init, device, checkpoint.stage_dropout(cfg, loss_name))
     lr = getattr(cfg, lr_key)
     identity = {"settings": checkpoint.stage_settings(cfg, loss_name, lr_key), "data": checkpoint.fingerprint(units),
                 "start": checkpoint.fingerprint(model)}
@@ -211,7 +237,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
             print(f"{name}: checkpoint at iteration {start}, nothing to train")
         return model
     if rank == 0:  # rows written after the checkpoint (an interrupted run, an older run here) are written again
-        metrics.drop_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), lambda row: row.get("stage") == name and row.get("iter", 0) > start)
+        metrics.drop_rows(log_path, lambda row: row.get("stage") == name and row.get("iter", 0) > start)
 
     precomputed = eval_precomputed = None
     if reference is not None and cfg.reference == "precomputed":
@@ -224,45 +250,56 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
     forward = torch.compile(model) if cfg.compile else model
     frozen = torch.compile(reference) if cfg.compile and reference is not None else reference
     policy = DDP(forward) if world_size > 1 else forward
-    bar = tqdm(total=iters, initial=start, desc=name, disable=rank != 0 or not progress, dynamic_ncols=True)
     pending, keys = [], None
     model.train()
-    for it in range(start, iters):
-        t0 = time.time()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, lr, cfg.warmup_iters)
-        # Dropout masks depend only on (seed, rank, iteration): a resumed run draws the same ones.
-        torch.manual_seed(cfg.seed + 1_000_003 * rank + it)
-        numbers = range(it * cfg.grad_accum, (it + 1) * cfg.grad_accum)
-        micro_batches = [load_batch(units, data.batch_indices(len(units), per_batch(cfg, loss_name), n, cfg.seed), n, cfg,
-                                    loss_name, rank, world_size, device, precomputed) for n in numbers]
-        micro_stats = train_step(policy, model, frozen, optimizer, micro_batches, cfg, loss_name, world_size)
+    with tqdm(total=iters, initial=start, desc=name, disable=rank != 0 or not progress, dynamic_ncols=True) as bar:
+        for it in range(start, iters):
+            t0 = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, lr, cfg.warmup_iters)
+            # Dropout masks depend only on (seed, rank, iteration): a resumed run draws the same ones.
+            torch.manual_seed(cfg.seed + 1_000_003 * rank + it)
+            numbers = range(it * cfg.grad_accum, (it + 1) * cfg.grad_accum)
+            micro_batches = [load_batch(units, data.batch_indices(len(units), per_batch(cfg, loss_name), n, cfg.seed), n, cfg,
+                                        loss_name, rank, world_size, device, precomputed) for n in numbers]
+            try:
+                micro_stats = train_step(policy, model, frozen, optimizer, micro_batches, cfg, loss_name, world_size)
+            except NonFinite as e:
+                rows = metrics.gather_rows(pending, keys) if pending else []  # the finite steps before it, for the record
+                if rank == 0 and rows:
+                    metrics.append_rows(log_path, rows)
+                raise SystemExit(diverged(name, it + 1, f"not finite: {e}; the step was not applied", path, lr_key)) from None
 
-        keys = keys or sorted(k for k, v in micro_stats[0].items() if v.dim() == 0)
-        record = {"stage": name, "iter": it + 1, "lr": optimizer.param_groups[0]["lr"], "ms": round(1000 * (time.time() - t0), 1)}
-        pending.append((record, *metrics.step_stats(micro_stats, micro_batches, loss_name)))
-        bar.update(1)
-        log = (it + 1) % cfg.log_interval == 0 or it + 1 == iters
-        save = (it + 1) % cfg.ckpt_interval == 0 or it + 1 == iters
-        rows = []
-        if log or save:
-            rows, pending = metrics.gather_rows(pending, keys), []
-        if eval_units and ((it + 1) % cfg.eval_interval == 0 or it + 1 == iters):
-            rows.append({"stage": name, "iter": it + 1, "eval": eval_loss(forward, frozen, eval_units, cfg, loss_name, rank,
-                                                                         world_size, device, eval_precomputed)})
-        if rank == 0 and rows:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-            for row in rows:
-                if "eval" in row and progress:
-                    bar.write(f"{name} eval iter {it + 1}: {metrics.format_metrics(row['eval'])}")
-            if log and progress:
-                bar.write(f"{name} iter {it + 1}: {metrics.format_metrics(rows[-1] if 'eval' not in rows[-1] else rows[-2])}")
-        if rank == 0 and save:
-            checkpoint.save(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "iter": it + 1, "model_args": dataclasses.asdict(model.config),
-                                   "config": dataclasses.asdict(cfg), **identity})
-    bar.close()
+            keys = keys or sorted(k for k, v in micro_stats[0].items() if v.dim() == 0)
+            record = {"stage": name, "iter": it + 1, "lr": optimizer.param_groups[0]["lr"], "ms": round(1000 * (time.time() - t0), 1)}
+            pending.append((record, *metrics.step_stats(micro_stats, micro_batches, loss_name)))
+            bar.update(1)
+            log = (it + 1) % cfg.log_interval == 0 or it + 1 == iters
+            save = (it + 1) % cfg.ckpt_interval == 0 or it + 1 == iters
+            rows = []
+            if log or save:
+                rows, pending = metrics.gather_rows(pending, keys), []
+            if eval_units and ((it + 1) % cfg.eval_interval == 0 or it + 1 == iters):
+                rows.append({"stage": name, "iter": it + 1, "eval": eval_loss(forward, frozen, eval_units, cfg, loss_name, rank,
+                                                                             world_size, device, eval_precomputed)})
+            bad = checkpoint.nonfinite(rows)  # the same rows on every rank (reduced and gathered)
+            if bad:
+                raise SystemExit(diverged(name, it + 1, f"not finite: metrics row value {bad}", path, lr_key))
+            if rank == 0 and rows:
+                metrics.append_rows(log_path, rows)
+                for row in rows:
+                    if "eval" in row and progress:
+                        bar.write(f"{name} eval iter {it + 1}: {metrics.format_metrics(row['eval'])}")
+                if log and progress:
+                    bar.write(f"{name} iter {it + 1}: {metrics.format_metrics(rows[-1] if 'eval' not in rows[-1] else rows[-2])}")
+            if save:  # every rank checks the weights it holds; rank 0 writes them
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it + 1,
+                         "model_args": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), **identity}
+                bad = checkpoint.nonfinite(state)
+                if bad:
+                    raise SystemExit(diverged(name, it + 1, f"not finite after the step: {bad}", path, lr_key))
+                if rank == 0:
+                    checkpoint.save(path, state)
     if world_size > 1:
         dist.barrier()  # the next stage reads this checkpoint on every rank
     return model
@@ -363,8 +400,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> N
             sampled = task.evaluate(model, d.heldout, cfg.eval_samples, 1.0, cfg.seed, device, cfg.eval_tokens)
             greedy = task.evaluate(model, d.heldout, 1, 0.0, cfg.seed, device, cfg.eval_tokens)
             print(f"{label:<20}{100 * sampled['utility']:>14.1f}%{100 * greedy['utility']:>9.1f}%")
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"eval": label, "sampled": sampled, "greedy": greedy}) + "\n")
+            metrics.append_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"eval": label, "sampled": sampled, "greedy": greedy}])
 
 
 def main() -> None:
