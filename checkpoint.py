@@ -133,5 +133,5 @@ def stage_settings(cfg: TrainConfig, loss_name: str, lr_key: str) -> dict:
     compared by fingerprint); iterations, intervals, device and evaluation may change."""
     keys = ["seed", "block_size", "batch_size", "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip",
             "warmup_iters", lr_key]
-    keys += {"kto": ["beta", "lambda_d", "lambda_u"], "dpo": ["beta"], "sft": []}[loss_name]
+    keys += {"kto": ["beta", "lambda_d", "lambda_u"], "dpo": ["beta", "nll_weight"], "sft": []}[loss_name]
     return {**{key: getattr(cfg, key) for key in keys}, "dropout": stage_dropout(cfg, loss_name)}

@@ -18,7 +18,8 @@ class TrainConfig:
     data: str = "arithmetic"  # "arithmetic" (the built-in task) or a .jsonl / .jsonl.gz file (shapes: see dataset.py)
     eval_fraction: float = 0.0  # of a file's prompts, held out (with all their examples) for the eval loss
     task_p_correct: float = 0.4  # built-in task: how often its demonstrator answers correctly
-    task_heldout: float = 0.1  # built-in task: fraction of prompts kept for evaluation
+    task_heldout: float = 0.1  # built-in task: fraction of prompts kept for evaluation (the test prompts)
+    task_dev: float = 0.0  # built-in task: fraction of prompts kept as a dev split, for choosing settings (tune)
     task_max_operand: int = 4  # built-in task: operands run from 0 to this
     task_demos: int = 1  # built-in task: answers per prompt; above 1, one (correct, wrong) pair per prompt with both
     seed: int = 1337
@@ -48,6 +49,7 @@ class TrainConfig:
     beta: float = 0.1
     lambda_d: float | None = None  # None: from the data by the paper's advice (kto.advised_lambdas), or 1 if lambda_u is set
     lambda_u: float | None = None  # None: from the data by the paper's advice, or 1 if lambda_d is set
+    nll_weight: float = 0.0  # DPO: + nll_weight * NLL of the chosen completion (RPO; TRL's loss_type ["sigmoid", "sft"])
     # optimization
     batch_size: int = 32  # completions per micro-step, over all processes together (DPO: batch_size/2 pairs)
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -59,6 +61,7 @@ class TrainConfig:
     # evaluation on the built-in task
     eval_samples: int = 8  # samples per held-out prompt at temperature 1
     eval_tokens: int = 8  # tokens generated per sample, at most
+    utility_interval: int = 0  # iterations between dev utilities (needs task_dev > 0; 0: none), a metrics.jsonl row each
     # i/o
     out_dir: str = "out"
     resume: bool = False  # continue each stage from its checkpoint in out_dir
@@ -140,13 +143,13 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("n_layer", "n_head", "n_embd", "block_size", "sft_iters", "max_iters", "batch_size",
                 "grad_accum", "eval_samples", "eval_tokens", "log_interval", "eval_interval", "ckpt_interval", "task_demos"):
         require(getattr(cfg, key) >= 1, key, "an integer of at least 1")
-    for key in ("seed", "warmup_iters", "task_max_operand"):
+    for key in ("seed", "warmup_iters", "task_max_operand", "utility_interval"):
         require(getattr(cfg, key) >= 0, key, "a non-negative integer")
     for key in ("sft_lr", "lr", "beta"):
         require(0 < getattr(cfg, key) < math.inf, key, "a positive finite number")
     for key in ("lambda_d", "lambda_u"):
         require(getattr(cfg, key) is None or 0 < getattr(cfg, key) < math.inf, key, "a positive finite number or none")
-    for key in ("weight_decay", "grad_clip"):
+    for key in ("weight_decay", "grad_clip", "nll_weight"):
         require(0 <= getattr(cfg, key) < math.inf, key, "a non-negative finite number")
     for key in ("beta1", "beta2", "dropout"):
         require(0 <= getattr(cfg, key) < 1, key, "a number in [0, 1)")
@@ -162,6 +165,10 @@ def check_config(cfg: TrainConfig) -> None:
     require(bool(cfg.init_from), "init_from", "'sft', 'scratch' or a checkpoint path")
     require(bool(cfg.sft_init), "sft_init", "'scratch' or a checkpoint path")
     require(0 < cfg.task_heldout < 1, "task_heldout", "a fraction strictly between 0 and 1")
+    require(0 <= cfg.task_dev < 1 - cfg.task_heldout, "task_dev", f"a fraction in [0, {1 - cfg.task_heldout:g}) (1 - task_heldout)")
+    require(cfg.utility_interval == 0 or cfg.task_dev > 0 and cfg.data == "arithmetic", "utility_interval",
+            "0 unless the built-in task keeps dev prompts (task_dev > 0)")
+    require(cfg.nll_weight == 0 or cfg.loss == "dpo", "nll_weight", "0 unless loss='dpo'")
     require(cfg.n_embd % cfg.n_head == 0, "n_embd", f"a multiple of n_head={cfg.n_head}")
     require(cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
     require(cfg.device != "cuda" or torch.cuda.is_available(), "device", "a machine with CUDA")

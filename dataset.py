@@ -297,7 +297,8 @@ class Data(NamedTuple):
     main: data.Units  # the main loss's, after the data settings (pairs for DPO)
     control: list[data.Tokens]  # the control's: the main loss's completions
     eval: data.Units  # held-out prompts' examples (pairs for DPO), for the eval loss
-    heldout: list[str] | None  # the built-in task's evaluation prompts
+    heldout: list[str] | None  # the built-in task's evaluation (test) prompts
+    dev: list[str] | None  # the built-in task's dev prompts, for choosing settings
     report: list[str]  # what reading and the data settings did, for the start of the run
 
 
@@ -306,14 +307,15 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
     check the result against the batch: every stage draws whole batches of distinct examples, and KTO's KL
     pairs need every prompt in at most half a batch."""
     if cfg.data == "arithmetic":
-        units, heldout = task.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand,
-                                              cfg.task_demos)
-        n_prompts = len(task.task_prompts(cfg.task_max_operand)) - len(heldout)
+        units, heldout, dev = task.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand,
+                                                   cfg.task_demos, cfg.task_dev)
+        n_prompts = len(task.task_prompts(cfg.task_max_operand)) - len(heldout) - len(dev)
         if not units or not heldout:
             raise DataError(f"built-in task: task_heldout={cfg.task_heldout} and task_max_operand={cfg.task_max_operand} "
                                  f"leave {len(units)} training examples and {len(heldout)} held-out prompts; "
                                  f"expected at least one of each")
-        report = [f"built-in task: {n_prompts} training prompts, {len(heldout)} held out"]
+        report = [f"built-in task: {n_prompts} training prompts, {len(heldout)} held out"
+                  + (f", {len(dev)} dev" if dev else "")]
         if cfg.task_demos > 1:
             report.append(f"built-in task: {cfg.task_demos} answers per prompt; {len(units)} prompts got a correct and a wrong "
                           f"one (a pair each), {n_prompts - len(units)} got only one kind (no pair)")
@@ -325,7 +327,7 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
         if not units:
             raise DataError(f"built-in task: no example fits block_size={cfg.block_size}")
     else:
-        (units, report), heldout = load_file(cfg.data, cfg.block_size, progress), None
+        (units, report), heldout, dev = load_file(cfg.data, cfg.block_size, progress), None, None
     paired = isinstance(units[0], data.PairTokens)
     report.append(f"data: {data.describe(units)}")
     units, held = data.split_by_prompt(units, cfg.eval_fraction, cfg.seed)
@@ -377,4 +379,4 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
     if held:
         report.append(f"eval: {len(held) // size} batches of {size} every {cfg.eval_interval} iterations"
                       + (f" ({len(held) % size} left over)" if len(held) % size else ""))
-    return Data(sft, units, control, held, heldout, report)
+    return Data(sft, units, control, held, heldout, dev, report)

@@ -21,12 +21,14 @@ import config
 import data
 import kto
 import train
+import tune
 from lab import SEEDS, Lab
 
 # The lessons' scale: about a minute a run on a 2-core CPU. The built-in task with 4 answers per prompt
 # gives pairs (one correct, one wrong answer), so DPO, KTO and SFT see the same completions.
+# A tenth of the prompts is kept as a dev split, whose utility every 50 iterations is what `tune` chooses by.
 LESSON_DEFAULTS = {"task_demos": 4, "sft_iters": 500, "max_iters": 300, "eval_samples": 4, "log_interval": 10,
-                   "out_dir": "out-lessons"}
+                   "task_dev": 0.1, "utility_interval": 50, "out_dir": "out-lessons"}
 # Settings each lesson sets for its runs: the command line cannot change them.
 LESSON_KEYS = ("seed", "resume", "control", "init_from")
 
@@ -357,7 +359,7 @@ def lesson_contradict(lab: Lab) -> None:
         save_figure(lab, fig)
 
 
-LESSONS = {"value": lesson_value, "dpo": lesson_dpo, "saturation": lesson_saturation, "noise": lesson_noise,
+LESSONS = {"tune": tune.tune, "value": lesson_value, "dpo": lesson_dpo, "saturation": lesson_saturation, "noise": lesson_noise,
            "imbalance": lesson_imbalance, "one-y-per-x": lesson_one_y_per_x, "no-sft": lesson_no_sft,
            "beta": lesson_beta, "contradict": lesson_contradict}
 

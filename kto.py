@@ -123,21 +123,25 @@ def dpo_loss(
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
     beta: float = 0.1,
+    nll_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DPO loss (Rafailov et al. 2023, eq. 7), for comparison, and the stats that describe it.
 
     Each argument is (P,): log pi(y|x) of the chosen (y_w) or rejected (y_l) completion of P pairs.
     The loss is the mean over pairs of -log sigmoid(beta * h), h the margin of implied rewards
-    r(x, y_w) - r(x, y_l) (nats, beta outside as in `kto_loss`). Per pair: z = beta * h, the weight
-    and `saturated`.
+    r(x, y_w) - r(x, y_l) (nats, beta outside as in `kto_loss`), plus nll_weight times the negative
+    log-likelihood of y_w, summed over its tokens like `sft_loss` (RPO, Pang et al. 2024; TRL's loss_type
+    ["sigmoid", "sft"]): it holds the chosen completion's probability up, against likelihood displacement,
+    where the margin grows while both completions lose probability. Per pair: z = beta * h, the weight and
+    `saturated` of the preference term.
     """
     r_chosen = implied_reward(policy_chosen_logps, reference_chosen_logps)
     r_rejected = implied_reward(policy_rejected_logps, reference_rejected_logps)
     z = beta * (r_chosen - r_rejected)
-    losses = -F.logsigmoid(z)
+    losses = -F.logsigmoid(z) - nll_weight * policy_chosen_logps
     loss = losses.mean()
 
-    # d loss / d log pi_theta(y_w|x) = -beta * sigmoid(-z), and the opposite for y_l: the weight is largest
+    # d loss / d log pi_theta(y_w|x) = -beta * sigmoid(-z) - nll_weight, and +beta * sigmoid(-z) for y_l: the weight is largest
     # for pairs ordered wrong and vanishes only once a pair is ordered right by a wide margin. Unlike
     # KTO's, it never saturates on the wrong side (see the `value` lesson).
     weight = (beta * torch.sigmoid(-z)).detach()

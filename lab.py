@@ -21,7 +21,7 @@ import train
 
 SEEDS = (1337, 1, 2, 3, 4, 5, 6, 7, 8, 9)
 # What the SFT stage depends on: runs that agree on these share it.
-SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_max_operand", "task_demos", "eval_fraction", "seed", "n_layer",
+SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_dev", "task_max_operand", "task_demos", "eval_fraction", "seed", "n_layer",
             "n_head", "n_embd", "block_size", "dropout", "bias", "sft_init", "sft_iters", "sft_lr", "batch_size",
             "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_iters", "device")
 
@@ -85,14 +85,15 @@ class Lab:
     def run(self, name: str, seed: int, weigh: bool = False, **overrides) -> dict:
         """Train one run (loss and settings from overrides) and evaluate it; cached in its result.json.
 
-        loss="none" evaluates the SFT start itself. weigh: also record z, weight and `saturated` of every
+        loss="none" evaluates the SFT start itself; loss="control" trains train.py's control (SFT continued
+        from the SFT start on the main loss's completions). weigh: also record z, weight and `saturated` of every
         training example at the start, the middle and the end (the saturation lesson)."""
-        start_only = overrides.get("loss") == "none"
+        start_only, control = overrides.get("loss") == "none", overrides.get("loss") == "control"
         cfg = dataclasses.replace(self.base, seed=seed, resume=True, control=False,
-                                  **{k: v for k, v in overrides.items() if not (k == "loss" and start_only)})
+                                  **{k: v for k, v in overrides.items() if not (k == "loss" and (start_only or control))})
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
         settings.update(contents(cfg, ("data", "sft_init", "init_from")))  # the files' content, not only their names
-        key = digest({**settings, "start_only": start_only, "weigh": weigh})
+        key = digest({**settings, "start_only": start_only, "weigh": weigh, **({"control": True} if control else {})})
         out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
         self.dirs[name, seed] = out_dir
         path = os.path.join(out_dir, "result.json")
@@ -109,20 +110,22 @@ class Lab:
         config.check_config(cfg)
         cfg, d = train.prepare(cfg)
         init = None if cfg.init_from == "scratch" else self.sft(cfg)
-        result = {"name": name, "seed": seed, "settings": settings, "start_only": start_only, "report": d.report,
+        result = {"name": name, "seed": seed, "settings": settings, "start_only": start_only, "control": control, "report": d.report,
                   "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u}
         if start_only:
             model = checkpoint.build_model(cfg, init, self.device)
+            dev = [{"iter": 0, **task.utility(model, d.dev, cfg.eval_samples, seed, self.device, cfg.eval_tokens)}] if d.dev else []
         else:
             # Training stops at each point to weigh the examples, then resumes (resume=True), as if never stopped.
             stops = (0, cfg.max_iters // 2, cfg.max_iters) if weigh else (cfg.max_iters,)
+            stage, loss, units = ("control", "sft", d.control) if control else (cfg.loss, cfg.loss, d.main)
             for stop in stops:
-                model = train.train_stage(cfg, cfg.loss, cfg.loss, init, stop, "lr", d.main, 0, 1, self.device,
-                                          progress=False)
+                model = train.train_stage(cfg, stage, loss, init, stop, "lr", units, 0, 1, self.device, progress=False, dev=d.dev)
                 if weigh:
                     result.setdefault("weights", {})[str(stop)] = weigh_examples(model, cfg, d.main, init, self.device)
-        result.update(sampled=task.evaluate(model, d.heldout, cfg.eval_samples, 1.0, seed, self.device, cfg.eval_tokens),
-                      greedy=task.evaluate(model, d.heldout, 1, 0.0, seed, self.device, cfg.eval_tokens))
+            dev = [{"iter": r["iter"], **r["dev"]} for r in read_rows(out_dir) if "dev" in r]
+        # the test prompts' utility, and the dev curve (utility_interval) that settings are chosen by
+        result.update(task.utility(model, d.heldout, cfg.eval_samples, seed, self.device, cfg.eval_tokens), dev=dev)
         if cfg.contradict:  # what became of the contradicted prompts, against the others of training
             tagged = {}
             for u in d.main:
@@ -147,13 +150,18 @@ class Lab:
 
     def rows(self, name: str, seed: int) -> list[dict]:
         """The training rows of one run, one per iteration."""
-        with open(os.path.join(self.dirs[name, seed], "metrics.jsonl")) as f:
-            return [row for row in map(json.loads, f) if "iter" in row]
+        return [row for row in read_rows(self.dirs[name, seed]) if "loss" in row]
 
     def save(self, numbers: dict) -> None:
         path = os.path.join(self.dir, f"{self.lesson}.json")
         write_json(path, numbers)
         print(f"numbers: {path}")
+
+
+def read_rows(out_dir: str) -> list[dict]:
+    """Every row of a run's metrics.jsonl."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 @torch.no_grad()

@@ -40,10 +40,12 @@ def demonstrate(total: int, p_correct: float, rng: random.Random) -> int:
 
 
 def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1, max_operand: int = 4,
-                    demos: int = 1) -> tuple[list[data.Example] | list[data.Pair], list[str]]:
-    """The built-in task: judged demonstrations on training prompts, and held-out prompts.
+                    demos: int = 1, dev_fraction: float = 0.0) -> tuple[list[data.Example] | list[data.Pair], list[str], list[str]]:
+    """The built-in task: judged demonstrations on training prompts, held-out (test) prompts and dev prompts.
 
-    A seeded fraction of the prompts is held out for evaluation. demos=1: one answer per training
+    Seeded fractions of the prompts are held out for the final evaluation and kept as a dev split for
+    choosing settings; the three sets are disjoint, and the held-out prompts do not depend on
+    dev_fraction. demos=1: one answer per training
     prompt, one Example each. demos=k>1: the demonstrator answers each prompt k times, and a prompt
     with a correct and a wrong answer gives one Pair (the correct answer, the first wrong one); the
     same pairs serve DPO, KTO (split) and SFT (labels ignored). Other prompts give no pair.
@@ -51,8 +53,8 @@ def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float =
     rng = random.Random(seed)
     prompts = task_prompts(max_operand)
     rng.shuffle(prompts)
-    n_heldout = int(len(prompts) * heldout_fraction)
-    heldout, train = prompts[:n_heldout], prompts[n_heldout:]
+    n_heldout, n_dev = int(len(prompts) * heldout_fraction), int(len(prompts) * dev_fraction)
+    heldout, dev, train = prompts[:n_heldout], prompts[n_heldout:n_heldout + n_dev], prompts[n_heldout + n_dev:]
     units = []
     for i, prompt in enumerate(train):
         a, b = map(int, PROBLEM.search(prompt).groups())
@@ -67,7 +69,7 @@ def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float =
         wrong = [answer for answer in answers if not judged[answer]]
         if right and wrong:
             units.append(data.Pair(prompt, f" {right[0]}", f" {wrong[0]}", where))
-    return units, heldout
+    return units, heldout, dev
 
 
 # ----------------------------------------------------------------------------- utility
@@ -98,3 +100,10 @@ def evaluate(model: GPT, prompts: list[str], samples: int, temperature: float, s
                 scores.append(judge(chunk[row // samples][0], enc.decode(completion)))
     n = len(scores)
     return {"utility": sum(scores) / n, "length": sum(lengths) / n, "eot": sum(ended) / n}
+
+
+def utility(model: GPT, prompts: list[str], samples: int, seed: int, device: torch.device,
+            max_new_tokens: int = 8) -> dict[str, dict[str, float]]:
+    """`evaluate` sampled at temperature 1 (`samples` per prompt) and greedy: {"sampled": ..., "greedy": ...}."""
+    return {"sampled": evaluate(model, prompts, samples, 1.0, seed, device, max_new_tokens),
+            "greedy": evaluate(model, prompts, 1, 0.0, seed, device, max_new_tokens)}

@@ -70,7 +70,8 @@ def compute_loss(policy: torch.nn.Module, reference: GPT | None, batch: dict[str
     with torch.no_grad():
         reference_logps = batch["reference_logps"] if reference is None else logps(reference)
     if loss_name == "dpo":  # rows alternate chosen, rejected (data.make_batch)
-        return kto.dpo_loss(policy_logps[0::2], policy_logps[1::2], reference_logps[0::2], reference_logps[1::2], cfg.beta)
+        return kto.dpo_loss(policy_logps[0::2], policy_logps[1::2], reference_logps[0::2], reference_logps[1::2], cfg.beta,
+                            cfg.nll_weight)
     with torch.no_grad():  # the KL pairs only set z_ref, which is held constant: no gradient
         policy_kl_logps = logps(policy.module if isinstance(policy, DDP) else policy, "kl_")
         reference_kl_logps = batch["reference_kl_logps"] if reference is None else logps(reference, "kl_")
@@ -90,6 +91,10 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 class NonFinite(Exception):
     """A step whose loss, gradient norm or stats are not finite on some rank: it was not applied."""
+
+
+class Diverged(SystemExit):
+    """The end of a stage whose training stopped being finite: its message is the run's one error line."""
 
 
 def train_step(policy: torch.nn.Module, model: GPT, reference: GPT | None, optimizer: torch.optim.Optimizer,
@@ -195,7 +200,7 @@ def lr_at(it: int, lr: float, warmup_iters: int) -> float:
 
 # ----------------------------------------------------------------------------- one stage
 
-def diverged(name: str, it: int, what: str, path: str, lr_key: str) -> str:
+def divergence_line(name: str, it: int, what: str, path: str, lr_key: str) -> str:
     """The one line a stage ends with when training stops being finite; its last checkpoint is left as it was."""
     kept = f"{path} (iteration {checkpoint.read(path)['iter']}) is kept" if os.path.exists(path) else "no checkpoint was written"
     return f"error: {name} stage, iteration {it}: {what}; nothing was saved and {kept}; a lower {lr_key} may help"
@@ -203,9 +208,10 @@ def diverged(name: str, it: int, what: str, path: str, lr_key: str) -> str:
 
 def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, iters: int, lr_key: str,
                 units: data.Units, rank: int, world_size: int, device: torch.device, progress: bool = True,
-                eval_units: data.Units = ()) -> GPT:
+                eval_units: data.Units = (), dev: list[str] | None = None) -> GPT:
     """Train one stage to `iters` iterations from `init` (None: a fresh model) at the learning rate
-    cfg.<lr_key>; return the model. With eval_units, the eval loss is written every eval_interval."""
+    cfg.<lr_key>; return the model. With eval_units, the eval loss is written every eval_interval; with dev
+    prompts, their utility every utility_interval (rank 0)."""
     path, log_path = os.path.join(cfg.out_dir, f"{name}.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     model = checkpoint.build_model(cfg, init, device, checkpoint.stage_dropout(cfg, loss_name))
     lr = getattr(cfg, lr_key)
@@ -268,7 +274,7 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
                 rows = metrics.gather_rows(pending, keys) if pending else []  # the finite steps before it, for the record
                 if rank == 0 and rows:
                     metrics.append_rows(log_path, rows)
-                raise SystemExit(diverged(name, it + 1, f"not finite: {e}; the step was not applied", path, lr_key)) from None
+                raise Diverged(divergence_line(name, it + 1, f"not finite: {e}; the step was not applied", path, lr_key)) from None
 
             keys = keys or sorted(k for k, v in micro_stats[0].items() if v.dim() == 0)
             record = {"stage": name, "iter": it + 1, "lr": optimizer.param_groups[0]["lr"], "ms": round(1000 * (time.time() - t0), 1)}
@@ -282,22 +288,29 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
             if eval_units and ((it + 1) % cfg.eval_interval == 0 or it + 1 == iters):
                 rows.append({"stage": name, "iter": it + 1, "eval": eval_loss(forward, frozen, eval_units, cfg, loss_name, rank,
                                                                              world_size, device, eval_precomputed)})
+            if dev and rank == 0 and cfg.utility_interval and (it + 1) % cfg.utility_interval == 0:
+                rows.append({"stage": name, "iter": it + 1,
+                             "dev": task.utility(model, dev, cfg.eval_samples, cfg.seed, device, cfg.eval_tokens)})
+                model.train()
             bad = checkpoint.nonfinite(rows)  # the same rows on every rank (reduced and gathered)
             if bad:
-                raise SystemExit(diverged(name, it + 1, f"not finite: metrics row value {bad}", path, lr_key))
+                raise Diverged(divergence_line(name, it + 1, f"not finite: metrics row value {bad}", path, lr_key))
             if rank == 0 and rows:
                 metrics.append_rows(log_path, rows)
                 for row in rows:
                     if "eval" in row and progress:
                         bar.write(f"{name} eval iter {it + 1}: {metrics.format_metrics(row['eval'])}")
+                    if "dev" in row and progress:
+                        bar.write(f"{name} dev utility iter {it + 1}: sampled {100 * row['dev']['sampled']['utility']:.1f}% "
+                                  f"greedy {100 * row['dev']['greedy']['utility']:.1f}%")
                 if log and progress:
-                    bar.write(f"{name} iter {it + 1}: {metrics.format_metrics(rows[-1] if 'eval' not in rows[-1] else rows[-2])}")
+                    bar.write(f"{name} iter {it + 1}: {metrics.format_metrics([r for r in rows if 'loss' in r][-1])}")
             if save:  # every rank checks the weights it holds; rank 0 writes them
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it + 1,
                          "model_args": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), **identity}
                 bad = checkpoint.nonfinite(state)
                 if bad:
-                    raise SystemExit(diverged(name, it + 1, f"not finite after the step: {bad}", path, lr_key))
+                    raise Diverged(divergence_line(name, it + 1, f"not finite after the step: {bad}", path, lr_key))
                 if rank == 0:
                     checkpoint.save(path, state)
     if world_size > 1:
@@ -387,20 +400,19 @@ def run(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> N
     elif cfg.init_from != "scratch":
         start_path = cfg.init_from
     models[f"SFT+{cfg.loss.upper()}" if start_path else cfg.loss.upper()] = \
-        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, "lr", d.main, eval_units=d.eval)
+        stage(cfg.loss, cfg.loss, start_path, cfg.max_iters, "lr", d.main, eval_units=d.eval, dev=d.dev)
     if cfg.control and cfg.loss != "sft":
         models["SFT+SFT (control)" if start_path else "SFT (control)"] = \
-            stage("control", "sft", start_path, cfg.max_iters, "lr", d.control, eval_units=examples_eval)
+            stage("control", "sft", start_path, cfg.max_iters, "lr", d.control, eval_units=examples_eval, dev=d.dev)
 
     if rank == 0 and d.heldout is not None:
         metrics.drop_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), lambda row: "sampled" in row)  # a rerun's replace them
         print(f"\nheld-out utility: the judge's mean score on {len(d.heldout)} unseen prompts")
         print(f"{'model':<20}{'sampled (T=1)':>15}{'greedy':>10}")
         for label, model in models.items():
-            sampled = task.evaluate(model, d.heldout, cfg.eval_samples, 1.0, cfg.seed, device, cfg.eval_tokens)
-            greedy = task.evaluate(model, d.heldout, 1, 0.0, cfg.seed, device, cfg.eval_tokens)
-            print(f"{label:<20}{100 * sampled['utility']:>14.1f}%{100 * greedy['utility']:>9.1f}%")
-            metrics.append_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"eval": label, "sampled": sampled, "greedy": greedy}])
+            u = task.utility(model, d.heldout, cfg.eval_samples, cfg.seed, device, cfg.eval_tokens)
+            print(f"{label:<20}{100 * u['sampled']['utility']:>14.1f}%{100 * u['greedy']['utility']:>9.1f}%")
+            metrics.append_rows(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"eval": label, **u}])
 
 
 def main() -> None:

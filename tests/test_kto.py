@@ -189,6 +189,23 @@ def test_dpo_gradient_matches_its_closed_form():
     assert far["saturated"].tolist() == [True]
 
 
+def test_dpo_with_an_nll_term_matches_its_formula_and_gradient_by_hand():
+    """RPO: -log sigmoid(beta h) - alpha log pi(y_w|x), mean over pairs; the NLL term adds -alpha / P to the
+    chosen completion's gradient and nothing to the rejected one's."""
+    beta, alpha = 0.3, 0.7
+    chosen = torch.tensor(CHOSEN, dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor(REJECTED, dtype=torch.float64, requires_grad=True)
+    loss, stats = kto.dpo_loss(chosen, rejected, torch.tensor(REF_CHOSEN, dtype=torch.float64),
+                               torch.tensor(REF_REJECTED, dtype=torch.float64), beta, alpha)
+    margins, dpo = dpo_by_hand(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta)
+    assert loss.item() == pytest.approx(dpo - alpha * sum(CHOSEN) / 4, rel=1e-12)
+    assert metrics.summarize(sums(stats))["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    loss.backward()
+    weights = [beta * sigmoid(-beta * h) for h in margins]
+    assert chosen.grad.tolist() == pytest.approx([-(w + alpha) / 4 for w in weights], rel=1e-10)
+    assert rejected.grad.tolist() == pytest.approx([w / 4 for w in weights], rel=1e-10)
+
+
 @pytest.mark.parametrize("n_d, n_u, expected", [(50, 50, (1.0, 1.0)), (40, 60, (1.5, 1.0)), (60, 50, (1.0, 1.0)),
                                                 (5, 50, (10.0, 1.0)), (80, 20, (1.0, 3.0))])
 def test_advised_lambdas_put_the_ratio_in_the_papers_range(n_d, n_u, expected):

@@ -11,8 +11,9 @@ def test_judge_and_task():
     with pytest.raises(ValueError):
         task.judge("What is 3+5?", " 8")
 
-    examples, heldout = task.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
-    again, _ = task.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
+    examples, heldout, dev = task.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
+    again, _, _ = task.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
+    assert dev == []
     assert examples == again
     train_prompts = {e.prompt for e in examples}
     assert len(heldout) == 1600 and len(train_prompts) == len(examples) == 6400
@@ -26,10 +27,19 @@ def test_judge_and_task():
 
 
 def test_task_with_several_answers_gives_correct_and_wrong_pairs():
-    pairs, heldout = task.arithmetic_task(seed=3, demos=4)
+    pairs, heldout, _ = task.arithmetic_task(seed=3, demos=4)
     assert 0.75 * 1800 < len(pairs) < 0.95 * 1800  # 1 - 0.4^4 - 0.6^4 = 0.845 of the prompts have both kinds
     for p in pairs:
         words = p.prompt.split()
         total = int(words[3]) + int(words[6])
         assert int(p.chosen) == total and int(p.rejected) != total
     assert len({p.prompt for p in pairs}) == len(pairs) and not {p.prompt for p in pairs} & set(heldout)
+
+
+def test_the_dev_split_is_disjoint_from_training_and_test_and_leaves_the_test_prompts_alone():
+    examples, heldout, dev = task.arithmetic_task(seed=5, heldout_fraction=0.1, dev_fraction=0.15)
+    _, heldout_without_dev, _ = task.arithmetic_task(seed=5, heldout_fraction=0.1)
+    train_prompts = {e.prompt for e in examples}
+    assert len(heldout) == 200 and len(dev) == 300 and len(train_prompts) == 1500  # of 10 * 8 * 5 * 5 prompts
+    assert not train_prompts & set(dev) and not set(dev) & set(heldout) and not train_prompts & set(heldout)
+    assert heldout == heldout_without_dev  # a dev split never changes what the final tables are scored on

@@ -1,0 +1,94 @@
+"""`python experiments.py tune`: each method's own lr, beta and stopping iteration, chosen on the dev prompts.
+
+For each method (KTO, DPO, DPO with an NLL term on the chosen completion, and the SFT control) every setting
+of its grid is trained from the shared SFT start of each seed, with the dev prompts' utility every
+utility_interval iterations; the setting and the iteration with the highest mean sampled dev utility over
+the seeds win. The test (held-out) prompts are never looked at. Runs are the lessons' runs (lab.py): kept
+under a digest of their settings, so a second call reads them. The choice goes to out_dir/tune/tune.json,
+where the comparison lessons find it.
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+import config
+import train
+from lab import Lab, digest
+
+LRS = (3e-4, 1e-3, 3e-3)
+BETAS = (0.05, 0.1, 0.5, 2.0)
+# method: (its overrides, whether it has a beta)
+METHODS = {"KTO": ({"loss": "kto"}, True), "DPO": ({"loss": "dpo"}, True),
+           "DPO+NLL": ({"loss": "dpo", "nll_weight": 1.0}, True), "SFT+SFT (control)": ({"loss": "control"}, False)}
+# What a tuned setting depends on: every base setting but these, which the lessons or the tune set.
+FREE_KEYS = ("out_dir", "seed", "lr", "beta", "max_iters", "resume", "control", "init_from")
+
+
+def base_key(base: config.TrainConfig) -> str:
+    return digest({k: v for k, v in dataclasses.asdict(base).items() if k not in FREE_KEYS})
+
+
+def grid(method: str) -> list[dict]:
+    overrides, has_beta = METHODS[method]
+    return [{**overrides, "lr": lr, **({"beta": beta} if has_beta else {})} for lr in LRS for beta in (BETAS if has_beta else (None,))]
+
+
+def choose(curves: dict[str, dict[int, list[float]]]) -> tuple[str, int, float]:
+    """The (setting, iteration) with the highest mean over seeds; curves[setting][iteration] = one value per
+    seed, a diverged setting absent. Ties go to the earlier setting, then the earlier iteration."""
+    best = None
+    for setting, by_iter in curves.items():
+        for it, values in sorted(by_iter.items()):
+            if best is None or np.mean(values) > best[2]:
+                best = (setting, it, float(np.mean(values)))
+    return best
+
+
+def label(overrides: dict) -> str:
+    return f"lr {overrides['lr']:g}" + (f", beta {overrides['beta']:g}" if "beta" in overrides else "")
+
+
+def tune(lab: Lab) -> None:
+    if not lab.base.utility_interval or not lab.base.task_dev:
+        raise SystemExit("error: tune needs dev prompts and their utility: task_dev > 0 and utility_interval > 0")
+    chosen = {}
+    for method in METHODS:
+        curves, settings, diverged = {}, {}, []  # curves[name][iteration]: dev utility per seed
+        for overrides in grid(method):
+            name = f"{method}, {label(overrides)}"
+            try:
+                devs = [lab.run(name, seed, **overrides)["dev"] for seed in lab.seeds]
+            except train.Diverged as e:  # not a candidate; the lesson goes on
+                diverged.append(f"{name}: {e.code}")
+                continue
+            curves[name] = {row["iter"]: [dev[i]["sampled"]["utility"] for dev in devs] for i, row in enumerate(devs[0])}
+            settings[name] = overrides
+        name, it, value = choose(curves)
+        print(f"\n{method}: mean dev utility, sampled, over {len(lab.seeds)} seed(s), at its best iteration")
+        for n, by_iter in curves.items():
+            best_it = max(sorted(by_iter), key=lambda i: np.mean(by_iter[i]))
+            print(f"  {n:<40}{100 * np.mean(by_iter[best_it]):>8.1f}% at iteration {best_it}" + ("  <- chosen" if n == name else ""))
+        for line in diverged:
+            print(f"  diverged, not a candidate: {line}")
+        chosen[method] = {**settings[name], "max_iters": it, "dev_sampled": value, "name": name,
+                          "curves": {n: {str(i): v for i, v in c.items()} for n, c in curves.items()}, "diverged": diverged}
+    lab.save({"base": base_key(lab.base), "seeds": list(lab.seeds), "chosen": chosen})
+    print("\nchosen on the dev prompts (the test prompts unseen):")
+    for method, c in chosen.items():
+        print(f"  {method:<20}{label(c):<22} stop at iteration {c['max_iters']}: dev {100 * c['dev_sampled']:.1f}%")
+
+
+def tuned(base: config.TrainConfig) -> tuple[dict[str, dict] | None, str]:
+    """The tuned overrides per method for these base settings, or None, and a line saying which."""
+    path = os.path.join(base.out_dir, "tune", "tune.json")
+    if not os.path.exists(path):
+        return None, "no tuned settings yet (python experiments.py tune): the shared setting only"
+    with open(path) as f:
+        saved = json.load(f)
+    if saved["base"] != base_key(base):
+        return None, f"{path} was tuned for other settings (run tune with these): the shared setting only"
+    return ({m: {k: v for k, v in c.items() if k not in ("dev_sampled", "name", "curves", "diverged")}
+             for m, c in saved["chosen"].items()},
+            f"tuned settings from {path} (seeds {', '.join(map(str, saved['seeds']))}, dev prompts)")
