@@ -4,12 +4,16 @@
     python experiments.py noise --seeds=3           # KTO vs DPO with 0-30% of labels flipped
     python experiments.py dpo --seeds=1 --max_iters=100 --device=cuda   # any train.py setting after the lesson
 
-Lessons: value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict.
+    python experiments.py tune                      # each method's own lr, beta and stop, on the dev prompts
+
+Lessons: tune, value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict.
 Each trains with train.py's own functions, shares one SFT stage per seed and data set, keeps every run in
 out_dir/runs/ under a digest of its settings (a run finished by any lesson is not trained again; a changed
-setting makes a new run), prints its table (mean and min-max over seeds) and writes out_dir/LESSON/LESSON.json
-and LESSON.png. Figures need matplotlib; without it the numbers still come. The lessons set seed, resume,
-control and init_from themselves; --seeds=N (default 3) takes the first N of 1337, 1, 2, 3, ..., 9.
+setting makes a new run), prints its table (mean and 90% t interval over seeds; comparisons as paired
+differences per seed) and writes out_dir/LESSON/LESSON.json and LESSON.png. After `tune`, the comparison
+lessons also run each method at its tuned setting ("[tuned]"). Figures need matplotlib; without it the numbers
+still come. The lessons set seed, resume, control and init_from themselves; --seeds=N (default 5, tune 2)
+takes the first N of 1337, 1, 2, 3, ..., 9.
 """
 import os
 import sys
@@ -21,6 +25,7 @@ import config
 import data
 import kto
 import train
+import stats
 import tune
 from lab import SEEDS, Lab
 
@@ -35,18 +40,12 @@ LESSON_KEYS = ("seed", "resume", "control", "init_from")
 
 # ----------------------------------------------------------------------------- tables and figures
 
-def spread(values: list[float], scale: float = 100) -> str:
-    """'mean (min-max)' over seeds."""
-    v = [scale * x for x in values]
-    return f"{np.mean(v):.1f}" if len(v) == 1 else f"{np.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})"
-
-
 def utility_table(results: dict[str, list[dict]], extra: dict[str, tuple[str, float]] | None = None) -> dict:
     """Print utility (sampled and greedy, % over held-out prompts) per run name, and any `extra` columns
     (label: ("section.key" of the result, scale)); return the numbers."""
     extra = extra or {}
-    header = f"{'run':<28}{'sampled (T=1)':>22}{'greedy':>22}" + "".join(f"{h:>22}" for h in extra)
-    print(header)
+    print(f"mean [90% t interval] over {len(next(iter(results.values())))} seed(s)")
+    print(f"{'run':<34}{'sampled (T=1)':>22}{'greedy':>22}" + "".join(f"{h:>22}" for h in extra))
     numbers = {}
     for name, rs in results.items():
         row = {"sampled": [r["sampled"]["utility"] for r in rs], "greedy": [r["greedy"]["utility"] for r in rs]}
@@ -54,8 +53,8 @@ def utility_table(results: dict[str, list[dict]], extra: dict[str, tuple[str, fl
             section, key = path.split(".")
             row[label] = [r[section][key] for r in rs]
         numbers[name] = row
-        print(f"{name:<28}{spread(row['sampled']):>22}{spread(row['greedy']):>22}" +
-              "".join(f"{spread(row[label], scale):>22}" for label, (_, scale) in extra.items()))
+        print(f"{name:<34}{stats.fmt(row['sampled']):>22}{stats.fmt(row['greedy']):>22}" +
+              "".join(f"{stats.fmt(row[label], scale):>22}" for label, (_, scale) in extra.items()))
     return numbers
 
 
@@ -81,10 +80,10 @@ def save_figure(lab: Lab, fig) -> None:
 
 def bars(ax, numbers: dict, names: list[str], key: str = "sampled", scale: float = 100, ylabel: str = "",
          offset: float = 0.0, width: float = 0.8, color: str = "#8fb3d9", label: str | None = None) -> None:
-    """Mean over seeds per run, with min-max whiskers; utility in % unless key and ylabel say otherwise."""
-    means = [scale * np.mean(numbers[n][key]) for n in names]
-    low = [m - scale * min(numbers[n][key]) for m, n in zip(means, names)]
-    high = [scale * max(numbers[n][key]) - m for m, n in zip(means, names)]
+    """Mean over seeds per run, with 90% t-interval whiskers; utility in % unless key and ylabel say otherwise."""
+    intervals = [stats.interval([scale * v for v in numbers[n][key]]) for n in names]
+    means = [m for m, _, _ in intervals]
+    low, high = [m - lo for m, lo, _ in intervals], [hi - m for m, _, hi in intervals]
     ax.bar([i + offset for i in range(len(names))], means, width=width, yerr=[low, high], capsize=4, color=color,
            edgecolor="#444444", label=label)
     ax.set_xticks(range(len(names)), names)
@@ -92,16 +91,29 @@ def bars(ax, numbers: dict, names: list[str], key: str = "sampled", scale: float
     if scale == 100:
         ax.set_ylim(0, 100)
     ax.tick_params(axis="x", labelsize=7, labelrotation=12)
-    ax.set_title(f"mean of {len(numbers[names[0]][key])} seed(s), whiskers min-max", fontsize=8)
+    ax.set_title(f"mean of {len(numbers[names[0]][key])} seed(s), 90% t interval", fontsize=8)
 
 
-def compare(lab: Lab, plan: list[tuple[str, dict]], extra: dict[str, tuple[str, float]] | None = None
-            ) -> tuple[dict[str, list[dict]], dict]:
-    """Run the plan; print, save and draw (sampled and greedy bars) its utility table."""
-    results = lab.runs(plan)
+def differences(numbers: dict, comparisons: list[tuple[str, str]]) -> dict:
+    """Print and return a - b seed by seed for each comparison, and for its [tuned] runs where both ran."""
+    out = {}
+    print("\npaired differences a - b, per seed (one SFT start and data per seed): mean [90% t interval], seeds a is ahead")
+    for a, b in comparisons + [(f"{a} [tuned]", f"{b} [tuned]" if f"{b} [tuned]" in numbers else b) for a, b in comparisons]:
+        if a in numbers and b in numbers:
+            out[f"{a} - {b}"] = {key: stats.paired(numbers[a][key], numbers[b][key]) for key in ("sampled", "greedy")}
+            print(f"  {a} - {b}\n      sampled {stats.fmt_paired(out[f'{a} - {b}']['sampled'])}; "
+                  f"greedy {stats.fmt_paired(out[f'{a} - {b}']['greedy'])}")
+    return out
+
+
+def compare(lab: Lab, plan: list[tuple[str, dict]], comparisons: list[tuple[str, str]],
+            extra: dict[str, tuple[str, float]] | None = None, draw: bool = True) -> tuple[dict[str, list[dict]], dict]:
+    """Run the plan, and its tuned runs (tune.with_tuned); print, save and (draw) plot as sampled and greedy
+    bars its utility table and the paired differences of `comparisons`."""
+    results = lab.runs(tune.with_tuned(lab.base, plan))
     numbers = utility_table(results, extra)
-    lab.save(numbers)
-    plt = pyplot()
+    lab.save({"utility": numbers, "differences": differences(numbers, comparisons)})
+    plt = pyplot() if draw else None
     if plt:
         fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(plan)), 3.6))
         for ax, key in zip(axes, ("sampled", "greedy")):
@@ -123,6 +135,13 @@ def over_training(lab: Lab, name: str, groups: tuple[str, ...], key: str) -> np.
     values = np.array(per_seed)
     present = (~np.isnan(values)).sum(axis=0)
     return np.where(present > 0, np.nansum(values, axis=0) / np.maximum(present, 1), np.nan)
+
+
+def dev_curve(start: list[dict], runs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Iterations and the mean over seeds of a sampled dev-utility `key`, from the SFT start (iteration 0)."""
+    its = [0] + [row["iter"] for row in runs[0]["dev"]]
+    return its, [np.mean([s["dev"][0]["sampled"][key] for s in start])] + \
+        [np.mean([r["dev"][i]["sampled"][key] for r in runs]) for i in range(len(its) - 1)]
 
 
 def smooth(y: np.ndarray, window: int = 10) -> np.ndarray:
@@ -190,8 +209,44 @@ def lesson_value(lab: Lab) -> None:
 
 
 def lesson_dpo(lab: Lab) -> None:
-    """SFT vs SFT+DPO vs SFT+KTO on the same pairs (the paper: KTO matches or beats DPO)."""
-    compare(lab, [("SFT", {"loss": "none"}), ("SFT+DPO", {"loss": "dpo"}), ("SFT+KTO", {"loss": "kto"})])
+    """SFT, the SFT control, DPO, DPO+NLL and KTO from one SFT start on the same pairs, each at the shared
+    setting and at its tuned one (the paper: KTO matches or beats DPO), and their dev utility over training."""
+    plan = [("SFT", {"loss": "none"}), ("SFT+SFT (control)", {"loss": "control"}), ("SFT+DPO", {"loss": "dpo"}),
+            ("SFT+DPO+NLL", {"loss": "dpo", "nll_weight": 1.0}), ("SFT+KTO", {"loss": "kto"})]
+    results, numbers = compare(lab, plan, [("SFT+KTO", "SFT+DPO"), ("SFT+KTO", "SFT+DPO+NLL"), ("SFT+KTO", "SFT"),
+                                           ("SFT+KTO", "SFT+SFT (control)"), ("SFT+DPO", "SFT"), ("SFT+DPO+NLL", "SFT")],
+                               extra={"length (tokens)": ("sampled.length", 1), "ends with EOT (%)": ("sampled.eot", 100)},
+                               draw=False)
+    plt = pyplot()
+    if plt is None:
+        return
+    # Over training, on the dev prompts: the dip, DPO's displacement, and where each tuned run stops.
+    fig, axes = plt.subplots(2, 2, figsize=(12.8, 8.4))
+    colors = {"SFT+SFT (control)": "#7f7f7f", "SFT+DPO": "#1f77b4", "SFT+DPO+NLL": "#9467bd", "SFT+KTO": "#2ca02c"}
+    sft = 100 * np.mean([r["dev"][0]["sampled"]["utility"] for r in results["SFT"]])
+    for name, color in colors.items():
+        for run, ls in ((name, "--"), (f"{name} [tuned]", "-")):
+            if run not in results:
+                continue
+            for ax, key, scale in ((axes[0, 0], "utility", 100), (axes[0, 1], "length", 1)):
+                its, values = dev_curve(results["SFT"], results[run], key)
+                ax.plot(its, scale * np.array(values), color=color, ls=ls, marker="o" if ls == "-" else None, label=run)
+            if "DPO" in name:
+                rows = [lab.rows(run, seed) for seed in lab.seeds]
+                for key, alpha in (("reward_chosen", 1.0), ("reward_rejected", 0.5)):
+                    axes[1, 0].plot(smooth(np.mean([[row[key] for row in r] for r in rows], axis=0)), color=color, ls=ls,
+                                    alpha=alpha, label=f"{run}: {key.split('_')[1]}")
+    axes[0, 0].axhline(sft, color="black", lw=1, label="SFT start")
+    axes[0, 0].set(xlabel="iteration", ylabel="dev utility, sampled (%)", ylim=(0, 100),
+                   title="dev utility (dashed: shared setting; solid: tuned, to its stop)")
+    axes[0, 1].set(xlabel="iteration", ylabel="mean sampled length (tokens)", title="dev completion length")
+    axes[1, 0].axhline(0, color="black", lw=1)
+    axes[1, 0].set(xlabel="iteration", ylabel="log pi / pi_ref (nats)", title="DPO: chosen and rejected log-ratio")
+    bars(axes[1, 1], numbers, list(numbers))
+    axes[1, 1].tick_params(axis="x", labelsize=9, labelrotation=60)
+    for ax in axes.flat[:3]:
+        ax.legend(fontsize=8)
+    save_figure(lab, fig)
 
 
 def lesson_saturation(lab: Lab) -> None:
@@ -201,7 +256,7 @@ def lesson_saturation(lab: Lab) -> None:
     results = lab.runs([("KTO", {"loss": "kto"})], weigh=True)
     numbers = {"utility": utility_table(results), "over_training": {}, "weights": {}}
     stops = list(results["KTO"][0]["weights"])
-    print(f"\nsaturated, % of each class's training examples (all whole batches), mean (min-max) over {len(lab.seeds)} seed(s)")
+    print(f"\nsaturated, % of each class's training examples (all whole batches), mean [90% t interval] over {len(lab.seeds)} seed(s)")
     print(f"{'class':<14}" + "".join(f"{'iteration ' + s:>20}" for s in stops))
     for group in ("desirable", "undesirable"):
         numbers["over_training"][group] = {key: over_training(lab, "KTO", (group,), key).tolist()
@@ -211,7 +266,7 @@ def lesson_saturation(lab: Lab) -> None:
             shares[stop] = [np.mean([s for s, g in zip(r["weights"][stop]["saturated"], r["weights"][stop]["group"])
                                      if g == group]) for r in results["KTO"]]
         numbers["weights"][group] = shares
-        print(f"{group:<14}" + "".join(f"{spread(shares[s]):>20}" for s in stops))
+        print(f"{group:<14}" + "".join(f"{stats.fmt(shares[s]):>20}" for s in stops))
     lab.save(numbers)
     plt = pyplot()
     if plt is None:
@@ -245,9 +300,10 @@ def lesson_noise(lab: Lab) -> None:
     """KTO vs DPO with 0-30% of labels flipped; do flipped examples saturate (and so get ignored)?"""
     levels = (0.0, 0.1, 0.2, 0.3)
     plan = [(f"{loss.upper()} noise {level}", {"loss": loss, "label_noise": level}) for level in levels for loss in ("kto", "dpo")]
-    results = lab.runs(plan)
+    results = lab.runs(tune.with_tuned(lab.base, plan))
     numbers = {"utility": utility_table(results), "weights": {}}
-    print("\nmean gradient weight over training, as a share of the loss's largest (KTO beta/4, DPO beta)")
+    numbers["differences"] = differences(numbers["utility"], [(f"KTO noise {lv}", f"DPO noise {lv}") for lv in levels])
+    print("\nshared setting: mean gradient weight over training, as a share of the loss's largest (KTO beta/4, DPO beta)")
     print(f"{'run':<22}{'clean':>10}{'flipped':>10}{'flipped / clean':>18}")
     for level in levels[1:]:
         for loss, peak, clean in (("KTO", lab.base.beta / 4, ("desirable", "undesirable")), ("DPO", lab.base.beta, ("pairs",))):
@@ -281,7 +337,9 @@ def lesson_imbalance(lab: Lab) -> None:
     """90% of the desirable examples dropped (1:10): lambda_D = 1 against the paper's advised lambda_D."""
     results, _ = compare(lab, [("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
                                ("KTO 1:10, lambda_d=1", {"loss": "kto", "desirable_fraction": 0.1, "lambda_d": 1.0}),
-                               ("KTO 1:10, advised", {"loss": "kto", "desirable_fraction": 0.1})])
+                               ("KTO 1:10, advised", {"loss": "kto", "desirable_fraction": 0.1})],
+                         [("KTO 1:10, advised", "SFT"), ("KTO 1:10, advised", "DPO, all pairs"),
+                          ("KTO 1:10, advised", "KTO 1:10, lambda_d=1"), ("KTO, all", "KTO 1:10, advised")])
     advised = ", ".join(f"{r['lambda_d']:.2f}" for r in results["KTO 1:10, advised"])
     print(f"lambda_d advised at 1:10, per seed: {advised}")
 
@@ -289,7 +347,8 @@ def lesson_imbalance(lab: Lab) -> None:
 def lesson_one_y_per_x(lab: Lab) -> None:
     """One completion per prompt (half of the pairs' completions) against all of them."""
     compare(lab, [("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
-                  ("KTO, one y per x", {"loss": "kto", "one_y_per_x": True})])
+                  ("KTO, one y per x", {"loss": "kto", "one_y_per_x": True})],
+            [("KTO, one y per x", "SFT"), ("KTO, one y per x", "DPO, all pairs"), ("KTO, all", "KTO, one y per x")])
 
 
 def lesson_no_sft(lab: Lab) -> None:
@@ -320,7 +379,7 @@ def lesson_beta(lab: Lab) -> None:
         name = f"KTO beta={b}"
         sat = [np.mean([r["saturated"] for r in lab.rows(name, s)]) for s in lab.seeds]
         numbers["saturated"][name] = sat
-        print(f"{name:<16}{spread(sat):>36}")
+        print(f"{name:<16}{stats.fmt(sat):>36}")
     lab.save(numbers)
     plt = pyplot()
     if plt:
@@ -336,17 +395,18 @@ def lesson_beta(lab: Lab) -> None:
 
 def lesson_contradict(lab: Lab) -> None:
     """30% of the pairs also come from a second annotator with the opposite preference (Theorem 4.3)."""
-    results = lab.runs([("KTO", {"loss": "kto"}), ("DPO", {"loss": "dpo"}),
-                        ("KTO, 30% contradicted", {"loss": "kto", "contradict": 0.3}),
-                        ("DPO, 30% contradicted", {"loss": "dpo", "contradict": 0.3})])
+    results = lab.runs(tune.with_tuned(lab.base, [("KTO", {"loss": "kto"}), ("DPO", {"loss": "dpo"}),
+                                                  ("KTO, 30% contradicted", {"loss": "kto", "contradict": 0.3}),
+                                                  ("DPO, 30% contradicted", {"loss": "dpo", "contradict": 0.3})]))
     numbers = utility_table(results)
+    diffs = differences(numbers, [("KTO, 30% contradicted", "DPO, 30% contradicted"), ("KTO", "KTO, 30% contradicted")])
     print(f"\ngreedy utility on the training prompts (%)\n{'run':<28}{'contradicted prompts':>24}{'other prompts':>18}")
     for name in ("KTO, 30% contradicted", "DPO, 30% contradicted"):
         c = [r["greedy_contradicted_prompts"]["utility"] for r in results[name]]
         o = [r["greedy_clean_prompts"]["utility"] for r in results[name]]
         numbers[name].update(contradicted_prompts=c, other_prompts=o)
-        print(f"{name:<28}{spread(c):>24}{spread(o):>18}")
-    lab.save(numbers)
+        print(f"{name:<28}{stats.fmt(c):>24}{stats.fmt(o):>18}")
+    lab.save({"utility": numbers, "differences": diffs})
     plt = pyplot()
     if plt:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -371,7 +431,7 @@ def main() -> None:
         raise SystemExit(0 if args else 1)
     if args[0] not in LESSONS:
         raise SystemExit(f"error: unknown lesson '{args[0]}': expected one of {', '.join(LESSONS)}")
-    lesson, seeds, overrides = args[0], 3, []
+    lesson, seeds, overrides = args[0], 2 if args[0] == "tune" else 5, []
     for arg in args[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
         if key == "seeds":

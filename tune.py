@@ -65,6 +65,7 @@ def tune(lab: Lab) -> None:
                 continue
             curves[name] = {row["iter"]: [dev[i]["sampled"]["utility"] for dev in devs] for i, row in enumerate(devs[0])}
             settings[name] = overrides
+            print(f"  {name}: best dev {100 * max(np.mean(v) for v in curves[name].values()):.1f}%", flush=True)
         name, it, value = choose(curves)
         print(f"\n{method}: mean dev utility, sampled, over {len(lab.seeds)} seed(s), at its best iteration")
         for n, by_iter in curves.items():
@@ -78,6 +79,31 @@ def tune(lab: Lab) -> None:
     print("\nchosen on the dev prompts (the test prompts unseen):")
     for method, c in chosen.items():
         print(f"  {method:<20}{label(c):<22} stop at iteration {c['max_iters']}: dev {100 * c['dev_sampled']:.1f}%")
+
+
+def method(overrides: dict) -> str | None:
+    """The method of METHODS a lesson's run belongs to, or None (the SFT start itself, SFT from scratch)."""
+    loss = overrides.get("loss")
+    if loss == "dpo":
+        return "DPO+NLL" if overrides.get("nll_weight") else "DPO"
+    return {"kto": "KTO", "control": "SFT+SFT (control)"}.get(loss)
+
+
+def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The plan, and beside each run of a tuned method the same run at that method's tuned lr, beta and
+    stopping iteration, named "NAME [tuned]"; the lesson's own settings (noise, fractions) are kept."""
+    chosen, note = tuned(base)
+    print(note)
+    if chosen is None:
+        return plan
+    for m, c in chosen.items():
+        print(f"  [tuned] {m}: {label(c)}, {c['max_iters']} iterations")
+    out = []
+    for name, overrides in plan:
+        out.append((name, overrides))
+        if method(overrides):
+            out.append((f"{name} [tuned]", {**overrides, **chosen[method(overrides)]}))
+    return out
 
 
 def tuned(base: config.TrainConfig) -> tuple[dict[str, dict] | None, str]:
