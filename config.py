@@ -49,7 +49,7 @@ class TrainConfig:
     beta: float = 0.1
     lambda_d: float | None = None  # None: from the data by the paper's advice (kto.advised_lambdas), or 1 if lambda_u is set
     lambda_u: float | None = None  # None: from the data by the paper's advice, or 1 if lambda_d is set
-    nll_weight: float = 0.0  # DPO: + nll_weight * NLL of the chosen completion (RPO; TRL's loss_type ["sigmoid", "sft"])
+    nll_weight: float = 0.0  # DPO: + nll_weight * NLL of the chosen completion, summed over its tokens (after RPO)
     # optimization
     batch_size: int = 32  # completions per micro-step, over all processes together (DPO: batch_size/2 pairs)
     grad_accum: int = 1  # micro-steps per optimizer step

@@ -130,8 +130,8 @@ def dpo_loss(
     Each argument is (P,): log pi(y|x) of the chosen (y_w) or rejected (y_l) completion of P pairs.
     The loss is the mean over pairs of -log sigmoid(beta * h), h the margin of implied rewards
     r(x, y_w) - r(x, y_l) (nats, beta outside as in `kto_loss`), plus nll_weight times the negative
-    log-likelihood of y_w, summed over its tokens like `sft_loss` (RPO, Pang et al. 2024; TRL's loss_type
-    ["sigmoid", "sft"]): it holds the chosen completion's probability up, against likelihood displacement,
+    log-likelihood of y_w, summed over its tokens like `sft_loss` (after RPO, Pang et al. 2024, and TRL's loss_type
+    ["sigmoid", "sft"], which average over the tokens instead): it holds the chosen completion's probability up, against likelihood displacement,
     where the margin grows while both completions lose probability. Per pair: z = beta * h, the weight and
     `saturated` of the preference term.
     """

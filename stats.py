@@ -37,6 +37,8 @@ def fmt(values: list[float], scale: float = 100) -> str:
 
 
 def fmt_paired(p: dict, scale: float = 100) -> str:
-    """'+d [low, high], k/n seeds, verdict'."""
+    """'+d [low, high], k/n seeds: verdict' (one seed: '+d, one seed')."""
+    if p["n"] == 1:
+        return f"{scale * p['diff']:+.1f}, one seed"
     return (f"{scale * p['diff']:+.1f} [{scale * p['low']:+.1f}, {scale * p['high']:+.1f}], "
             f"{p['wins']}/{p['n']} seeds: {p['verdict']}")

@@ -292,7 +292,9 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
                 rows.append({"stage": name, "iter": it + 1,
                              "dev": task.utility(model, dev, cfg.eval_samples, cfg.seed, device, cfg.eval_tokens)})
                 model.train()
-            bad = checkpoint.nonfinite(rows)  # the same rows on every rank (reduced and gathered)
+            # The same rows on every rank (reduced and gathered), but the dev row, rank 0's alone: a mean of the
+            # judge's scores, finite by construction.
+            bad = checkpoint.nonfinite(rows)
             if bad:
                 raise Diverged(divergence_line(name, it + 1, f"not finite: metrics row value {bad}", path, lr_key))
             if rank == 0 and rows:

@@ -3,7 +3,8 @@
 For each method (KTO, DPO, DPO with an NLL term on the chosen completion, and the SFT control) every setting
 of its grid is trained from the shared SFT start of each seed, with the dev prompts' utility every
 utility_interval iterations; the setting and the iteration with the highest mean sampled dev utility over
-the seeds win. The test (held-out) prompts are never looked at. Runs are the lessons' runs (lab.py): kept
+the seeds win. The test (held-out) prompts are never used to choose (each run's result.json scores them, as
+every lesson run does, for the lessons' tables). Runs are the lessons' runs (lab.py): kept
 under a digest of their settings, so a second call reads them. The choice goes to out_dir/tune/tune.json,
 where the comparison lessons find it.
 """
@@ -27,10 +28,12 @@ FREE_KEYS = ("out_dir", "seed", "lr", "beta", "max_iters", "resume", "control", 
 
 
 def base_key(base: config.TrainConfig) -> str:
+    """The digest of the settings a tune is valid for."""
     return digest({k: v for k, v in dataclasses.asdict(base).items() if k not in FREE_KEYS})
 
 
 def grid(method: str) -> list[dict]:
+    """The overrides of every setting tried for a method."""
     overrides, has_beta = METHODS[method]
     return [{**overrides, "lr": lr, **({"beta": beta} if has_beta else {})} for lr in LRS for beta in (BETAS if has_beta else (None,))]
 
@@ -41,23 +44,27 @@ def choose(curves: dict[str, dict[int, list[float]]]) -> tuple[str, int, float]:
     best = None
     for setting, by_iter in curves.items():
         for it, values in sorted(by_iter.items()):
-            if best is None or np.mean(values) > best[2]:
-                best = (setting, it, float(np.mean(values)))
+            mean = round(float(np.mean(values)), 9)  # equal means tie whatever the order of their summands
+            if best is None or mean > best[2]:
+                best = (setting, it, mean)
     return best
 
 
 def label(overrides: dict) -> str:
+    """'lr 0.001, beta 0.1' (no beta for SFT)."""
     return f"lr {overrides['lr']:g}" + (f", beta {overrides['beta']:g}" if "beta" in overrides else "")
 
 
 def tune(lab: Lab) -> None:
-    if not lab.base.utility_interval or not lab.base.task_dev:
-        raise SystemExit("error: tune needs dev prompts and their utility: task_dev > 0 and utility_interval > 0")
+    """Train every method's grid, print each setting's best dev utility, save and print the choices."""
+    if not lab.base.task_dev or not 0 < lab.base.utility_interval <= lab.base.max_iters:
+        raise SystemExit("error: tune needs dev prompts and their utility: task_dev > 0 and utility_interval in "
+                         f"[1, max_iters={lab.base.max_iters}]")
     chosen = {}
-    for method in METHODS:
+    for m in METHODS:
         curves, settings, diverged = {}, {}, []  # curves[name][iteration]: dev utility per seed
-        for overrides in grid(method):
-            name = f"{method}, {label(overrides)}"
+        for overrides in grid(m):
+            name = f"{m}, {label(overrides)}"
             try:
                 devs = [lab.run(name, seed, **overrides)["dev"] for seed in lab.seeds]
             except train.Diverged as e:  # not a candidate; the lesson goes on
@@ -66,19 +73,22 @@ def tune(lab: Lab) -> None:
             curves[name] = {row["iter"]: [dev[i]["sampled"]["utility"] for dev in devs] for i, row in enumerate(devs[0])}
             settings[name] = overrides
             print(f"  {name}: best dev {100 * max(np.mean(v) for v in curves[name].values()):.1f}%", flush=True)
+        if not curves:
+            raise SystemExit(f"error: tune: every setting of {m} diverged: {'; '.join(diverged)}")
         name, it, value = choose(curves)
-        print(f"\n{method}: mean dev utility, sampled, over {len(lab.seeds)} seed(s), at its best iteration")
+        print(f"\n{m}: mean dev utility, sampled, over {len(lab.seeds)} seed(s), at its best iteration")
         for n, by_iter in curves.items():
             best_it = max(sorted(by_iter), key=lambda i: np.mean(by_iter[i]))
             print(f"  {n:<40}{100 * np.mean(by_iter[best_it]):>8.1f}% at iteration {best_it}" + ("  <- chosen" if n == name else ""))
         for line in diverged:
             print(f"  diverged, not a candidate: {line}")
-        chosen[method] = {**settings[name], "max_iters": it, "dev_sampled": value, "name": name,
-                          "curves": {n: {str(i): v for i, v in c.items()} for n, c in curves.items()}, "diverged": diverged}
+        chosen[m] = {"lr": settings[name]["lr"], **({"beta": settings[name]["beta"]} if "beta" in settings[name] else {}),
+                     "max_iters": it, "dev_sampled": value, "name": name,
+                     "curves": {n: {str(i): v for i, v in c.items()} for n, c in curves.items()}, "diverged": diverged}
     lab.save({"base": base_key(lab.base), "seeds": list(lab.seeds), "chosen": chosen})
-    print("\nchosen on the dev prompts (the test prompts unseen):")
-    for method, c in chosen.items():
-        print(f"  {method:<20}{label(c):<22} stop at iteration {c['max_iters']}: dev {100 * c['dev_sampled']:.1f}%")
+    print("\nchosen on the dev prompts (the test prompts not used):")
+    for m, c in chosen.items():
+        print(f"  {m:<20}{label(c):<22} stop at iteration {c['max_iters']}: dev {100 * c['dev_sampled']:.1f}%")
 
 
 def method(overrides: dict) -> str | None:
@@ -89,9 +99,11 @@ def method(overrides: dict) -> str | None:
     return {"kto": "KTO", "control": "SFT+SFT (control)"}.get(loss)
 
 
-def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]], tuned_only: list[tuple[str, dict]] = ()
+               ) -> list[tuple[str, dict]]:
     """The plan, and beside each run of a tuned method the same run at that method's tuned lr, beta and
-    stopping iteration, named "NAME [tuned]"; the lesson's own settings (noise, fractions) are kept."""
+    stopping iteration, named "NAME [tuned]"; the lesson's own settings (noise, fractions) are kept.
+    Runs in tuned_only have no shared setting worth a run: only their [tuned] run is made."""
     chosen, note = tuned(base)
     print(note)
     if chosen is None:
@@ -103,7 +115,7 @@ def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]]) -> list[t
         out.append((name, overrides))
         if method(overrides):
             out.append((f"{name} [tuned]", {**overrides, **chosen[method(overrides)]}))
-    return out
+    return out + [(f"{name} [tuned]", {**overrides, **chosen[method(overrides)]}) for name, overrides in tuned_only]
 
 
 def tuned(base: config.TrainConfig) -> tuple[dict[str, dict] | None, str]:
@@ -115,6 +127,5 @@ def tuned(base: config.TrainConfig) -> tuple[dict[str, dict] | None, str]:
         saved = json.load(f)
     if saved["base"] != base_key(base):
         return None, f"{path} was tuned for other settings (run tune with these): the shared setting only"
-    return ({m: {k: v for k, v in c.items() if k not in ("dev_sampled", "name", "curves", "diverged")}
-             for m, c in saved["chosen"].items()},
+    return ({m: {k: c[k] for k in ("lr", "beta", "max_iters") if k in c} for m, c in saved["chosen"].items()},
             f"tuned settings from {path} (seeds {', '.join(map(str, saved['seeds']))}, dev prompts)")

@@ -58,16 +58,16 @@ def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
     assert any("label_noise=0.3" in line and "flipped" in line for line in report)
     again = lesson(args)
     assert metrics.read_text() == before and again.stdout.splitlines()[1:] == result.stdout.splitlines()[1:]
-    # another lesson reuses the runs it shares (KTO and DPO without noise): the SFT start, the control and
-    # DPO+NLL are new
+    # another lesson reuses the runs it shares (KTO and DPO without noise): only the SFT start is new (untuned,
+    # the lesson has no control or DPO+NLL run to make)
     dpo = lesson(["dpo", "--seeds=1", f"--out_dir={tmp_path}"] + TINY)
-    assert len(os.listdir(runs)) == 11
+    assert len(os.listdir(runs)) == 9
     assert "no tuned settings yet" in dpo.stdout and "SFT+KTO - SFT+DPO" in dpo.stdout
     assert (tmp_path / "dpo" / "dpo.png").read_bytes().startswith(PNG)
     # a changed setting is a new run, never the saved result of another
     lesson(["dpo", "--seeds=1", f"--out_dir={tmp_path}"] + TINY + ["--max_iters=6"])
     iters = sorted(json.loads((runs / d / "result.json").read_text())["settings"]["max_iters"] for d in os.listdir(runs))
-    assert iters == [6] * 5 + [12] * 11
+    assert iters == [6] * 3 + [12] * 9
 
 
 def test_settings_the_lessons_set_are_refused(tmp_path):

@@ -72,8 +72,9 @@ def test_tiny_tune_end_to_end(tmp_path, monkeypatch):
         assert all(set(row["dev"][k]) == {"utility", "length", "eot"} for row in dev for k in ("sampled", "greedy"))
     # the lessons find the choice for these settings, and only for these
     base = config.parse_config([f"--{k}={v}" for k, v in experiments.LESSON_DEFAULTS.items()] + args[3:])
-    plan = tune.with_tuned(base, [("SFT", {"loss": "none"}), ("DPO+NLL", {"loss": "dpo", "nll_weight": 1.0, "label_noise": 0.1})])
-    assert [name for name, _ in plan] == ["SFT", "DPO+NLL", "DPO+NLL [tuned]"]
+    plan = tune.with_tuned(base, [("SFT", {"loss": "none"}), ("DPO+NLL", {"loss": "dpo", "nll_weight": 1.0, "label_noise": 0.1})],
+                           tuned_only=[("control", {"loss": "control"})])
+    assert [name for name, _ in plan] == ["SFT", "DPO+NLL", "DPO+NLL [tuned]", "control [tuned]"]
     c = saved["chosen"]["DPO+NLL"]
     assert plan[2][1] == {"loss": "dpo", "nll_weight": 1.0, "label_noise": 0.1, "lr": c["lr"], "beta": c["beta"], "max_iters": c["max_iters"]}
     assert tune.tuned(dataclasses.replace(base, n_embd=64))[0] is None
