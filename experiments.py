@@ -94,19 +94,6 @@ def bars(ax, numbers: dict, names: list[str], key: str = "sampled", scale: float
     ax.set_title(f"mean of {len(numbers[names[0]][key])} seed(s), 90% t interval", fontsize=8)
 
 
-def differences(numbers: dict, comparisons: list[tuple[str, str]]) -> dict:
-    """Print and return a - b seed by seed for each comparison, a claim that a beats b, and for its [tuned]
-    runs where both ran. Runs of one seed share the SFT start, the split and the batch order."""
-    out = {}
-    print("\nthe claim a > b, paired by seed: a - b, mean [90% t interval], seeds on which a is ahead, verdict")
-    for a, b in comparisons + [(f"{a} [tuned]", f"{b} [tuned]" if f"{b} [tuned]" in numbers else b) for a, b in comparisons]:
-        if a in numbers and b in numbers:
-            out[f"{a} - {b}"] = {key: stats.paired(numbers[a][key], numbers[b][key]) for key in ("sampled", "greedy")}
-            print(f"  {a} - {b}\n      sampled {stats.fmt_paired(out[f'{a} - {b}']['sampled'])}; "
-                  f"greedy {stats.fmt_paired(out[f'{a} - {b}']['greedy'])}")
-    return out
-
-
 def compare(lab: Lab, plan: list[tuple[str, dict]], comparisons: list[tuple[str, str]],
             extra: dict[str, tuple[str, float]] | None = None, draw: bool = True,
             tuned_only: list[tuple[str, dict]] = ()) -> tuple[dict[str, list[dict]], dict]:
@@ -114,7 +101,7 @@ def compare(lab: Lab, plan: list[tuple[str, dict]], comparisons: list[tuple[str,
     bars its utility table and the paired differences of `comparisons`."""
     results = lab.runs(tune.with_tuned(lab.base, plan, tuned_only))
     numbers = utility_table(results, extra)
-    lab.save({"utility": numbers, "differences": differences(numbers, comparisons)})
+    lab.save({"utility": numbers, "differences": stats.claims(numbers, comparisons)})
     plt = pyplot() if draw else None
     if plt:
         fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(numbers)), 3.6))
@@ -304,7 +291,7 @@ def lesson_noise(lab: Lab) -> None:
     plan = [(f"{loss.upper()} noise {level}", {"loss": loss, "label_noise": level}) for level in levels for loss in ("kto", "dpo")]
     results = lab.runs(tune.with_tuned(lab.base, plan))
     numbers = {"utility": utility_table(results), "weights": {}}
-    numbers["differences"] = differences(numbers["utility"], [(f"KTO noise {lv}", f"DPO noise {lv}") for lv in levels])
+    numbers["differences"] = stats.claims(numbers["utility"], [(f"KTO noise {lv}", f"DPO noise {lv}") for lv in levels])
     print("\nshared setting: mean gradient weight over training, as a share of the loss's largest (KTO beta/4, DPO beta)")
     print(f"{'run':<22}{'clean':>10}{'flipped':>10}{'flipped / clean':>18}")
     for level in levels[1:]:
@@ -402,7 +389,7 @@ def lesson_contradict(lab: Lab) -> None:
                                                   ("KTO, 30% contradicted", {"loss": "kto", "contradict": 0.3}),
                                                   ("DPO, 30% contradicted", {"loss": "dpo", "contradict": 0.3})]))
     numbers = utility_table(results)
-    diffs = differences(numbers, [("KTO, 30% contradicted", "DPO, 30% contradicted")])
+    diffs = stats.claims(numbers, [("KTO, 30% contradicted", "DPO, 30% contradicted")])
     print(f"\ngreedy utility on the training prompts (%)\n{'run':<28}{'contradicted prompts':>24}{'other prompts':>18}")
     for name in ("KTO, 30% contradicted", "DPO, 30% contradicted"):
         c = [r["greedy_contradicted_prompts"]["utility"] for r in results[name]]

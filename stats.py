@@ -1,4 +1,4 @@
-"""Intervals over seeds: Student's t, since a handful of seeds is too few for a bootstrap to mean much.
+"""Intervals over seeds and the lessons' claims: Student's t (a handful of seeds is too few for a bootstrap).
 
 A comparison of two methods is made per seed (runs of one seed share the SFT start and the data), so its
 interval is that of the paired differences; a claim is "reproduced" only when that interval excludes 0.
@@ -42,3 +42,16 @@ def fmt_paired(p: dict, scale: float = 100) -> str:
         return f"{scale * p['diff']:+.1f}, one seed"
     return (f"{scale * p['diff']:+.1f} [{scale * p['low']:+.1f}, {scale * p['high']:+.1f}], "
             f"{p['wins']}/{p['n']} seeds: {p['verdict']}")
+
+
+def claims(numbers: dict, comparisons: list[tuple[str, str]]) -> dict:
+    """Print and return a - b seed by seed for each comparison, a claim that a beats b, and for its [tuned]
+    runs where both ran. Runs of one seed share the SFT start, the split and the batch order."""
+    out = {}
+    print("\nthe claim a > b, paired by seed: a - b, mean [90% t interval], seeds on which a is ahead, verdict")
+    for a, b in comparisons + [(f"{a} [tuned]", f"{b} [tuned]" if f"{b} [tuned]" in numbers else b) for a, b in comparisons]:
+        if a in numbers and b in numbers:
+            out[f"{a} - {b}"] = {key: paired(numbers[a][key], numbers[b][key]) for key in ("sampled", "greedy")}
+            print(f"  {a} - {b}\n      sampled {fmt_paired(out[f'{a} - {b}']['sampled'])}; "
+                  f"greedy {fmt_paired(out[f'{a} - {b}']['greedy'])}")
+    return out
