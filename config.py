@@ -11,16 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
+import kto
+import task
+
 
 @dataclass
 class TrainConfig:
     # data
-    data: str = "arithmetic"  # "arithmetic" (the built-in task) or a .jsonl / .jsonl.gz file (shapes: see dataset.py)
+    data: str = "arithmetic"  # a built-in task, "arithmetic" or "lists" (task.py), or a .jsonl / .jsonl.gz file (dataset.py)
     eval_fraction: float = 0.0  # of a file's prompts, held out (with all their examples) for the eval loss
-    task_p_correct: float = 0.4  # built-in task: how often its demonstrator answers correctly
+    task_p_correct: float = 0.4  # built-in task: how often its demonstrator answers correctly (lists: keeps the rule)
     task_heldout: float = 0.1  # built-in task: fraction of prompts kept for evaluation (the test prompts)
     task_dev: float = 0.0  # built-in task: fraction of prompts kept as a dev split, for choosing settings (tune)
-    task_max_operand: int = 4  # built-in task: operands run from 0 to this
+    task_max_operand: int = 4  # arithmetic task: operands run from 0 to this
     task_demos: int = 1  # built-in task: answers per prompt; above 1, one (correct, wrong) pair per prompt with both
     seed: int = 1337
     # the paper's data settings, seeded, applied in this order to the data of the main loss and the control
@@ -49,6 +52,7 @@ class TrainConfig:
     beta: float = 0.1
     lambda_d: float | None = None  # None: from the data by the paper's advice (kto.advised_lambdas), or 1 if lambda_u is set
     lambda_u: float | None = None  # None: from the data by the paper's advice, or 1 if lambda_d is set
+    value: str = "sigmoid"  # KTO's value function: "sigmoid" (eq. 7), or the ablations "logsigmoid" and "linear" (kto.py)
     nll_weight: float = 0.0  # DPO: + nll_weight * NLL of the chosen completion, summed over its tokens (after RPO)
     # optimization
     batch_size: int = 32  # completions per micro-step, over all processes together (DPO: batch_size/2 pairs)
@@ -158,17 +162,21 @@ def check_config(cfg: TrainConfig) -> None:
         require(0 <= getattr(cfg, key) < 1, key, "a fraction in [0, 1)")
     require(0 < cfg.desirable_fraction <= 1, "desirable_fraction", "a fraction in (0, 1]")
     require(0 <= cfg.eval_fraction < 1, "eval_fraction", "a fraction in [0, 1)")
-    require(cfg.eval_fraction == 0 or cfg.data != "arithmetic", "eval_fraction",
+    require(cfg.eval_fraction == 0 or cfg.data not in task.TASKS, "eval_fraction",
             "0 with the built-in task, which holds out its own prompts (task_heldout)")
     require(bool(cfg.out_dir), "out_dir", "a directory path")
-    require(bool(cfg.data), "data", "'arithmetic' or the path of a .jsonl or .jsonl.gz file")
+    require(bool(cfg.data), "data", "'arithmetic', 'lists' or the path of a .jsonl or .jsonl.gz file")
+    require(cfg.data != "lists" or cfg.eval_tokens >= 24, "eval_tokens",
+            "at least 24 with data='lists', whose completions run to 19 tokens before EOT (and a rambling one further)")
     require(bool(cfg.init_from), "init_from", "'sft', 'scratch' or a checkpoint path")
     require(bool(cfg.sft_init), "sft_init", "'scratch' or a checkpoint path")
     require(0 < cfg.task_heldout < 1, "task_heldout", "a fraction strictly between 0 and 1")
     require(0 <= cfg.task_dev < 1 - cfg.task_heldout, "task_dev", f"a fraction in [0, {1 - cfg.task_heldout:g}) (1 - task_heldout)")
-    require(cfg.utility_interval == 0 or cfg.task_dev > 0 and cfg.data == "arithmetic", "utility_interval",
+    require(cfg.utility_interval == 0 or cfg.task_dev > 0 and cfg.data in task.TASKS, "utility_interval",
             "0 unless the built-in task keeps dev prompts (task_dev > 0)")
     require(cfg.nll_weight == 0 or cfg.loss == "dpo", "nll_weight", "0 unless loss='dpo'")
+    require(cfg.value in kto.VALUES, "value", f"one of {', '.join(kto.VALUES)}")
+    require(cfg.value == "sigmoid" or cfg.loss == "kto", "value", "'sigmoid' unless loss='kto'")
     require(cfg.n_embd % cfg.n_head == 0, "n_embd", f"a multiple of n_head={cfg.n_head}")
     require(cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
     require(cfg.device != "cuda" or torch.cuda.is_available(), "device", "a machine with CUDA")

@@ -306,10 +306,10 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
     """Read and tokenize the data, hold out eval prompts, apply the data settings in their config order, and
     check the result against the batch: every stage draws whole batches of distinct examples, and KTO's KL
     pairs need every prompt in at most half a batch."""
-    if cfg.data == "arithmetic":
-        units, heldout, dev = task.arithmetic_task(cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand,
-                                                   cfg.task_demos, cfg.task_dev)
-        n_prompts = len(task.task_prompts(cfg.task_max_operand)) - len(heldout) - len(dev)
+    if cfg.data in task.TASKS:
+        units, heldout, dev = task.make_task(cfg.data, cfg.seed, cfg.task_p_correct, cfg.task_heldout, cfg.task_max_operand,
+                                             cfg.task_demos, cfg.task_dev)
+        n_prompts = len(task.task_prompts(cfg.data, cfg.task_max_operand)) - len(heldout) - len(dev)
         if not units or not heldout:
             raise DataError(f"built-in task: task_heldout={cfg.task_heldout} and task_max_operand={cfg.task_max_operand} "
                                  f"leave {len(units)} training examples and {len(heldout)} held-out prompts; "
@@ -317,8 +317,8 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
         report = [f"built-in task: {n_prompts} training prompts, {len(heldout)} held out"
                   + (f", {len(dev)} dev" if dev else "")]
         if cfg.task_demos > 1:
-            report.append(f"built-in task: {cfg.task_demos} answers per prompt; {len(units)} prompts got a correct and a wrong "
-                          f"one (a pair each), {n_prompts - len(units)} got only one kind (no pair)")
+            report.append(f"built-in task: {cfg.task_demos} answers per prompt; {len(units)} prompts got a desirable and an "
+                          f"undesirable one (a pair each), {n_prompts - len(units)} got only one kind (no pair)")
         units, too_long, cut = data.tokenize(units, cfg.block_size)
         if too_long:
             report.append(f"built-in task: dropped {too_long} examples longer than block_size={cfg.block_size}")
@@ -375,7 +375,7 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
                 if checked:
                     data.check_kl_pairs(checked, cfg.batch_size)
     except DataError as e:
-        raise DataError(f"{'built-in task' if cfg.data == 'arithmetic' else cfg.data}: {e}") from None
+        raise DataError(f"{'built-in task' if cfg.data in task.TASKS else cfg.data}: {e}") from None
     if held:
         report.append(f"eval: {len(held) // size} batches of {size} every {cfg.eval_interval} iterations"
                       + (f" ({len(held) % size} left over)" if len(held) % size else ""))

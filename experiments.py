@@ -1,19 +1,21 @@
-"""The paper's claims and Prop. 4.1 as lessons on the built-in task, one command each.
+"""The paper's claims and Prop. 4.1 as lessons on the built-in tasks, one command each.
 
-    python experiments.py value                     # KTO's and DPO's value and gradient weight (seconds)
-    python experiments.py noise --seeds=3           # KTO vs DPO with 0-30% of labels flipped
+    python experiments.py value --beta=0.5          # KTO's value and gradient weight against z (seconds)
+    python experiments.py noise --seeds=1           # KTO (three value functions) and DPO, 0-30% of labels flipped
     python experiments.py dpo --seeds=1 --max_iters=100 --device=cuda   # any train.py setting after the lesson
 
     python experiments.py tune                      # each method's own lr, beta and stop, on the dev prompts
 
 Lessons: tune, value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict.
-Each trains with train.py's own functions, shares one SFT stage per seed and data set, keeps every run in
-out_dir/runs/ under a digest of its settings (a run finished by any lesson is not trained again; a changed
-setting makes a new run), prints its table (mean and 90% t interval over seeds; comparisons as paired
-differences per seed) and writes out_dir/LESSON/LESSON.json and LESSON.png. After `tune`, the comparison
-lessons also run each method at its tuned setting ("[tuned]"). Figures need matplotlib; without it the numbers
-still come. The lessons set seed, resume, control and init_from themselves; --seeds=N (default 5, tune 2)
-takes the first N of 1337, 1, 2, 3, ..., 9.
+They run on the arithmetic task; --data=lists runs one on the lists task (long completions: room for the
+reward to saturate on both sides; its own scale, TASK_DEFAULTS). Each trains with train.py's own functions, shares one SFT stage
+per seed and data set, keeps every run in out_dir/runs/ under a digest of its settings (a run finished by
+any lesson is not trained again; a changed setting makes a new run), prints its table (mean and 90% t
+interval over seeds; comparisons as paired differences per seed) and writes out_dir/LESSON/LESSON.json and
+LESSON.png (figures.py). After `tune`, the comparison lessons also run each method at its tuned setting
+("[tuned]"). The lessons set seed, resume, control and init_from themselves; --seeds=N (default 5, tune 2)
+takes the first N of 1337, 1, 2, 3, ..., 9. value --run=RESULT.json draws a weighed run's examples (the
+saturation lesson prints the path).
 """
 import os
 import sys
@@ -23,22 +25,27 @@ import torch
 
 import config
 import data
+import figures
 import kto
 import stats
 import train
 import tune
-from lab import SEEDS, Lab
+from lab import SEEDS, Lab, read_weighed
 
-# The lessons' scale: about a minute a run on a 2-core CPU. The built-in task with 4 answers per prompt
-# gives pairs (one correct, one wrong answer), so DPO, KTO and SFT see the same completions.
+# The lessons' scale: about a minute a run on a 2-core CPU. The built-in tasks with 4 answers per prompt
+# give pairs (a desirable and an undesirable answer), so DPO, KTO and SFT see the same completions.
 # A tenth of the prompts is kept as a dev split, whose utility every 50 iterations is what `tune` chooses by.
 LESSON_DEFAULTS = {"task_demos": 4, "sft_iters": 500, "max_iters": 300, "eval_samples": 4, "log_interval": 10,
                    "task_dev": 0.1, "utility_interval": 50, "out_dir": "out-lessons"}
+# The lists task's completions are 8 to 19 tokens, each scored against 50257 others: a step costs about
+# seven arithmetic ones, so fewer, smaller steps (about a minute a run at 2 threads).
+TASK_DEFAULTS = {"arithmetic": {}, "lists": {"batch_size": 16, "sft_iters": 300, "max_iters": 150, "eval_tokens": 24,
+                                             "utility_interval": 25}}
 # Settings each lesson sets for its runs: the command line cannot change them.
 LESSON_KEYS = ("seed", "resume", "control", "init_from")
 
 
-# ----------------------------------------------------------------------------- tables and figures
+# ----------------------------------------------------------------------------- tables
 
 def utility_table(results: dict[str, list[dict]], extra: dict[str, tuple[str, float]] | None = None) -> dict:
     """Print utility (sampled and greedy, % over held-out prompts) per run name, and any `extra` columns
@@ -58,56 +65,16 @@ def utility_table(results: dict[str, list[dict]], extra: dict[str, tuple[str, fl
     return numbers
 
 
-def pyplot():
-    """matplotlib's pyplot, or None (with a note) when it is not installed: figures are optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no figure, the numbers are in the JSON")
-        return None
-    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
-    return plt
-
-
-def save_figure(lab: Lab, fig) -> None:
-    path = os.path.join(lab.dir, f"{lab.lesson}.png")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"figure: {path}")
-
-
-def bars(ax, numbers: dict, names: list[str], key: str = "sampled", scale: float = 100, ylabel: str = "",
-         offset: float = 0.0, width: float = 0.8, color: str = "#8fb3d9", label: str | None = None) -> None:
-    """Mean over seeds per run, with 90% t-interval whiskers; utility in % unless key and ylabel say otherwise."""
-    intervals = [stats.interval([scale * v for v in numbers[n][key]]) for n in names]
-    means = [m for m, _, _ in intervals]
-    low, high = [m - lo for m, lo, _ in intervals], [hi - m for m, _, hi in intervals]
-    ax.bar([i + offset for i in range(len(names))], means, width=width, yerr=[low, high], capsize=4, color=color,
-           edgecolor="#444444", label=label)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel(ylabel or f"held-out utility, {key} (%)")
-    if scale == 100:
-        ax.set_ylim(0, 100)
-    ax.tick_params(axis="x", labelsize=7, labelrotation=12)
-    ax.set_title(f"mean of {len(numbers[names[0]][key])} seed(s), 90% t interval", fontsize=8)
-
-
 def compare(lab: Lab, plan: list[tuple[str, dict]], comparisons: list[tuple[str, str]],
             extra: dict[str, tuple[str, float]] | None = None, draw: bool = True,
             tuned_only: list[tuple[str, dict]] = ()) -> tuple[dict[str, list[dict]], dict]:
-    """Run the plan, and its tuned runs (tune.with_tuned); print, save and (draw) plot as sampled and greedy
-    bars its utility table and the paired differences of `comparisons`."""
+    """Run the plan, and its tuned runs (tune.with_tuned); print, save and (draw) plot its utility table and
+    the paired differences of `comparisons`."""
     results = lab.runs(tune.with_tuned(lab.base, plan, tuned_only))
     numbers = utility_table(results, extra)
     lab.save({"utility": numbers, "differences": stats.claims(numbers, comparisons)})
-    plt = pyplot() if draw else None
-    if plt:
-        fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(numbers)), 3.6))
-        for ax, key in zip(axes, ("sampled", "greedy")):
-            bars(ax, numbers, list(numbers), key)
-        save_figure(lab, fig)
+    if draw:
+        figures.compare(lab.dir, lab.lesson, numbers)
     return results, numbers
 
 
@@ -126,75 +93,56 @@ def over_training(lab: Lab, name: str, groups: tuple[str, ...], key: str) -> np.
     return np.where(present > 0, np.nansum(values, axis=0) / np.maximum(present, 1), np.nan)
 
 
-def dev_curve(start: list[dict], runs: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """Iterations and the mean over seeds of a sampled dev-utility `key`, from the SFT start (iteration 0)."""
-    its = [0] + [row["iter"] for row in runs[0]["dev"]]
-    return its, [np.mean([s["dev"][0]["sampled"][key] for s in start])] + \
-        [np.mean([r["dev"][i]["sampled"][key] for r in runs]) for i in range(len(its) - 1)]
-
-
-def smooth(y: np.ndarray, window: int = 10) -> np.ndarray:
-    """Running mean over `window` iterations, ignoring NaN."""
-    ok = ~np.isnan(y)
-    kernel = np.ones(window)
-    return np.convolve(np.where(ok, y, 0), kernel, mode="same") / np.maximum(np.convolve(ok, kernel, mode="same"), 1)
-
-
 # ----------------------------------------------------------------------------- the lessons
 
 def lesson_value(lab: Lab) -> None:
-    """Prop. 4.1, no training: value and gradient weight against the reward's distance from the reference
-    point, computed by kto.kto_loss and kto.dpo_loss themselves on a grid of log-ratios."""
-    x = np.linspace(-100, 100, 801)  # r - z_ref (KTO) or the margin h (DPO), nats
-    zero = torch.zeros(1, dtype=torch.float64)
-    numbers = {"x": x.tolist(), "kto": {}, "dpo": {}}
-    print("where each loss learns: gradient weight above 10% of its largest, for r - z_ref (KTO) or the margin h (DPO)")
-    print(f"{'beta':<8}{'KTO (nats)':>20}{'DPO (nats)':>20}")
-    for beta in (0.05, 0.1, 0.5):
-        curves = {"value_desirable": [], "value_undesirable": [], "weight": [], "saturated": []}
-        dpo_curves = {"value": [], "weight": [], "saturated": []}
-        for xi in x:
-            logp = torch.tensor([xi], dtype=torch.float64)
-            for desirable in (True, False):  # one example, z_ref = 0 (KL pairs with equal log-probs)
-                loss, stats = kto.kto_loss(logp, zero, zero, zero, torch.tensor([desirable]), beta)
-                curves["value_desirable" if desirable else "value_undesirable"].append(1 - loss.item())
-            # The weight, lambda beta v (1 - v), is the same for either label: the last call's serves.
-            curves["weight"].append(stats["weight"].item() / (beta / 4))  # of the peak, lambda beta / 4
-            curves["saturated"].append(bool(stats["saturated"]))
-            loss, stats = kto.dpo_loss(logp, zero, zero, zero, beta)
-            dpo_curves["value"].append(-loss.item())  # DPO's implied value: log sigmoid(beta h)
-            dpo_curves["weight"].append(stats["weight"].item() / beta)  # of its supremum, beta
-            dpo_curves["saturated"].append(bool(stats["saturated"]))
-        numbers["kto"][beta], numbers["dpo"][beta] = curves, dpo_curves
-        windows = []
-        for c in (curves, dpo_curves):
-            live = x[~np.array(c["saturated"])]
-            # Still learning at the grid's lower edge (DPO, pairs ordered wrong): no lower end, "-inf".
-            windows.append(f"{'-inf' if live.min() == x.min() else f'{live.min():+.1f}'} to {live.max():+.1f}")
-        print(f"{beta:<8}{windows[0]:>20}{windows[1]:>20}")
+    """Prop. 4.1, no training: value and gradient weight against z = beta (r - z_ref), for the lesson's beta,
+    lambda_d and lambda_u, computed by kto.kto_loss (each value function) and kto.dpo_loss themselves, beside
+    the Kahneman-Tversky value function; with --run, a weighed run's examples on top."""
+    beta, lambda_d, lambda_u = lab.base.beta, lab.base.lambda_d or 1.0, lab.base.lambda_u or 1.0
+    z = np.linspace(-10, 10, 2001)
+    logratio = torch.tensor(z / beta, dtype=torch.float64)  # r - z_ref in nats (z_ref = 0: KL pairs with equal log-probs)
+    zero = torch.zeros_like(logratio)
+    numbers = {"beta": beta, "lambda_d": lambda_d, "lambda_u": lambda_u, "z": z.tolist(), "nats": (z / beta).tolist()}
+    print(f"beta {beta}, lambda_d {lambda_d:g}, lambda_u {lambda_u:g}: z = beta (r - z_ref); r - z_ref = z / beta nats")
+    print(f"where each loss learns: gradient weight at least {kto.SATURATION_FRACTION:.0%} of its largest")
+    print(f"{'loss':<26}{'z':>20}{'r - z_ref (nats)':>24}")
+
+    def window(name: str, saturated: list[bool]) -> None:  # the z where the loss learns, edges of the grid as infinite
+        live = z[~np.array(saturated)]
+        if live.size == len(z):
+            print(f"{name:<26}{'everywhere: never saturates':>44}")
+            return
+        ends = [("-inf" if live.min() == z.min() else f"{live.min() * f:+.2f}", "+inf" if live.max() == z.max() else
+                 f"{live.max() * f:+.2f}") for f in (1, 1 / beta)]
+        print(f"{name:<26}{' to '.join(ends[0]):>20}{' to '.join(ends[1]):>24}")
+
+    for value in kto.VALUES:
+        curves = {}
+        for label, desirable in (("desirable", True), ("undesirable", False)):
+            lam = lambda_d if desirable else lambda_u
+            flags = torch.full(logratio.shape, desirable)
+            _, s = kto.kto_loss(logratio, zero, zero, zero, flags, beta, lambda_d, lambda_u, value)
+            # each z alone (the loss is a mean): v = 1 - loss / lambda, the value of eq. (7)
+            v = [1 - kto.kto_loss(logratio[i:i + 1], zero[:1], zero[:1], zero[:1], flags[:1], beta, lambda_d, lambda_u,
+                                  value)[0].item() / lam for i in range(len(z))]
+            curves[label] = {"value": v, "share": s["share"].tolist(), "saturated": s["saturated"].tolist(),
+                             "right": s["right"].tolist()}
+        numbers[value] = curves
+        window(f"KTO {value}, desirable", curves["desirable"]["saturated"])
+    _, s = kto.dpo_loss(logratio, zero, zero, zero, beta)  # the margin h = r_w - r_l in place of r - z_ref
+    numbers["dpo"] = {"share": s["share"].tolist(), "saturated": s["saturated"].tolist(),
+                      "value": (torch.nn.functional.logsigmoid(torch.tensor(z)) + np.log(2)).tolist()}
+    window("DPO (the margin h)", numbers["dpo"]["saturated"])
     print("SFT: every example, weight 1, whatever its likelihood")
+    # Kahneman and Tversky (1992): v(x) = x^0.88 for gains, -2.25 (-x)^0.88 for losses
+    numbers["kahneman_tversky"] = [float(np.sign(x) * abs(x) ** 0.88 * (1 if x >= 0 else 2.25)) for x in z]
+    run = None
+    if lab.run_file:
+        run = read_weighed(lab.run_file)
+        print(f"examples of {lab.run_file} (seed {run['seed']}, {run['name']}): z at iterations {', '.join(run['weights'])}")
     lab.save(numbers)
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(14, 3.8))
-    colors = {0.05: "#1f77b4", 0.1: "#2ca02c", 0.5: "#d62728"}
-    for beta, c in numbers["kto"].items():
-        left.plot(x, c["value_desirable"], color=colors[beta], label=f"desirable, beta={beta}")
-        left.plot(x, c["value_undesirable"], color=colors[beta], ls=":", label=f"undesirable, beta={beta}")
-        mid.plot(x, numbers["dpo"][beta]["value"], color=colors[beta], ls="--", label=f"beta={beta}")
-        right.plot(x, c["weight"], color=colors[beta], label=f"KTO, beta={beta}")
-        right.plot(x, numbers["dpo"][beta]["weight"], color=colors[beta], ls="--", label=f"DPO, beta={beta}")
-    right.axhline(1.0, color="black", lw=1, label="SFT (constant)")
-    right.axhline(0.1, color="gray", lw=0.8, ls=":", label="saturated below 10%")
-    left.set(xlabel="r - z_ref (nats)", ylabel="value v", title="KTO's value (eq. 7): flat at both ends")
-    mid.set(xlabel="margin h (nats)", ylabel="log sigmoid(beta h)", title="DPO's implied value: steep for wrong pairs",
-            ylim=(-12, 0.5))
-    right.set(xlabel="r - z_ref (KTO) or margin h (DPO), nats", ylabel="gradient weight / its largest",
-              title="Prop. 4.1: where each loss stops learning")
-    for ax in (left, mid, right):
-        ax.legend(fontsize=6.5)
-    save_figure(lab, fig)
+    figures.value(lab.dir, numbers, run)
 
 
 def lesson_dpo(lab: Lab) -> None:
@@ -207,119 +155,84 @@ def lesson_dpo(lab: Lab) -> None:
                                            ("SFT+KTO", "SFT+SFT (control)"), ("SFT+DPO", "SFT"), ("SFT+DPO+NLL", "SFT")],
                                extra={"length (tokens)": ("sampled.length", 1), "ends with EOT (%)": ("sampled.eot", 100)},
                                draw=False, tuned_only=new)
-    plt = pyplot()
-    if plt is None or not results["SFT"][0]["dev"]:  # the figure is of the dev prompts (task_dev)
+    if not results["SFT"][0]["dev"]:  # the figure is of the dev prompts (task_dev)
         return
-    # Over training, on the dev prompts: the dip, DPO's displacement, and where each tuned run stops.
-    fig, axes = plt.subplots(2, 2, figsize=(12.8, 8.4))
-    colors = {"SFT+SFT (control)": "#7f7f7f", "SFT+DPO": "#1f77b4", "SFT+DPO+NLL": "#9467bd", "SFT+KTO": "#2ca02c"}
-    for name, color in colors.items():
-        for run, ls in ((name, "--"), (f"{name} [tuned]", "-")):
-            if run not in results:
-                continue
-            for ax, key, scale in ((axes[0, 0], "utility", 100), (axes[0, 1], "length", 1)):
-                its, values = dev_curve(results["SFT"], results[run], key)
-                ax.plot(its, scale * np.array(values), color=color, ls=ls, marker="o" if ls == "-" else None, label=run)
-            if name in ("SFT+DPO", "SFT+DPO+NLL"):
-                rows = [lab.rows(run, seed) for seed in lab.seeds]
-                for key, alpha in (("reward_chosen", 1.0), ("reward_rejected", 0.5)):
-                    axes[1, 0].plot(smooth(np.mean([[row[key] for row in r] for r in rows], axis=0)), color=color, ls=ls,
-                                    alpha=alpha, label=f"{run}: {key.split('_')[1]}")
-    axes[0, 0].axhline(100 * dev_curve(results["SFT"], results["SFT"], "utility")[1][0], color="black", lw=1, label="SFT start")
-    axes[0, 0].set(xlabel="iteration", ylabel="dev utility, sampled (%)", ylim=(0, 100),
-                   title="dev utility (dashed: shared setting; solid: tuned, to its stop)")
-    axes[0, 1].set(xlabel="iteration", ylabel="mean sampled length (tokens)", title="dev completion length")
-    axes[1, 0].axhline(0, color="black", lw=1)
-    axes[1, 0].set(xlabel="iteration", ylabel="log pi / pi_ref (nats)", title="DPO: chosen and rejected log-ratio")
-    bars(axes[1, 1], numbers, list(numbers))
-    axes[1, 1].tick_params(axis="x", labelsize=9, labelrotation=60)
-    for ax in axes.flat[:3]:
-        ax.legend(fontsize=8)
-    save_figure(lab, fig)
+    log_ratios = {}
+    for run in results:
+        if "DPO" in run:
+            rows = [lab.rows(run, seed) for seed in lab.seeds]
+            log_ratios[run] = {key: np.mean([[row[key] for row in r] for r in rows], axis=0).tolist()
+                               for key in ("reward_chosen", "reward_rejected")}
+    figures.dpo(lab.dir, results, numbers, log_ratios)
 
 
 def lesson_saturation(lab: Lab) -> None:
-    """One KTO run: the saturated share and mean weight by class over training, and the weights of every
-    training example at the start, middle and end (Prop. 4.1: KTO stops learning from what it already
-    rates far from z_ref, on either side)."""
-    results = lab.runs([("KTO", {"loss": "kto"})], weigh=True)
+    """One KTO run: the saturated share of each class by side over training ("already right": desirable above
+    z_ref, undesirable below; "wrong side"), its mean weight as a share of the peak, and every training
+    example's z at the start, middle and end (Prop. 4.1 both ways: KTO stops learning from what it already
+    rates far from z_ref, right or wrong)."""
+    results = lab.runs([("SFT", {"loss": "none"}), ("KTO", {"loss": "kto"})], weigh=True)
     numbers = {"utility": utility_table(results), "over_training": {}, "weights": {}}
     stops = list(results["KTO"][0]["weights"])
-    print(f"\nsaturated, % of each class's training examples (all whole batches), mean [90% t interval] over {len(lab.seeds)} seed(s)")
-    print(f"{'class':<14}" + "".join(f"{'iteration ' + s:>20}" for s in stops))
+    print(f"\n% of each class's training examples (all whole batches), mean [90% t interval] over {len(lab.seeds)} seed(s): "
+          "saturated on the right side / on the wrong side / mean weight as a share of the peak")
+    print(f"{'class':<14}" + "".join(f"{'iteration ' + s:>42}" for s in stops))
     for group in ("desirable", "undesirable"):
         numbers["over_training"][group] = {key: over_training(lab, "KTO", (group,), key).tolist()
-                                           for key in ("saturated", "grad_weight")}
-        shares = {}
+                                           for key in ("saturated_right", "saturated_wrong", "weight_share")}
+        numbers["weights"][group] = {}
+        cells = []
         for stop in stops:
-            shares[stop] = [np.mean([s for s, g in zip(r["weights"][stop]["saturated"], r["weights"][stop]["group"])
-                                     if g == group]) for r in results["KTO"]]
-        numbers["weights"][group] = shares
-        print(f"{group:<14}" + "".join(f"{stats.fmt(shares[s]):>20}" for s in stops))
+            per_seed = {"right": [], "wrong": [], "share": []}
+            for r in results["KTO"]:
+                w = r["weights"][stop]
+                mine = [i for i, g in enumerate(w["group"]) if g == group]
+                per_seed["right"].append(np.mean([w["saturated"][i] and w["right"][i] for i in mine]))
+                per_seed["wrong"].append(np.mean([w["saturated"][i] and not w["right"][i] for i in mine]))
+                per_seed["share"].append(np.mean([w["share"][i] for i in mine]))
+            numbers["weights"][group][stop] = per_seed
+            cells.append(" / ".join(stats.fmt(per_seed[k]).split(" [")[0] for k in ("right", "wrong", "share")))
+        print(f"{group:<14}" + "".join(f"{c:>42}" for c in cells))
+    first = lab.dirs["KTO", lab.seeds[0]]
+    print(f"\nthe examples on the value curve: python experiments.py value --beta={lab.base.beta} "
+          f"--run={os.path.join(first, 'result.json')}")
     lab.save(numbers)
-    plt = pyplot()
-    if plt is None:
-        return
-    shown = stops[1:]  # at iteration 0 the policy is the reference: every z is 0
-    fig, axes = plt.subplots(1, 2 + len(shown), figsize=(3.6 * (2 + len(shown)), 3.6))
-    colors = {"desirable": "#2ca02c", "undesirable": "#d62728"}
-    first = results["KTO"][0]
-    for group, color in colors.items():
-        o = numbers["over_training"][group]
-        axes[0].plot(np.arange(1, len(o["saturated"]) + 1), 100 * smooth(np.array(o["saturated"])), color=color, label=group)
-        axes[1].plot(np.arange(1, len(o["grad_weight"]) + 1), smooth(np.array(o["grad_weight"])), color=color, label=group)
-        for ax, stop in zip(axes[2:], shown):
-            w = first["weights"][stop]
-            ax.hist([x for x, g in zip(w["z"], w["group"]) if g == group], bins=40, range=(-12, 12), color=color,
-                    alpha=0.6, label=group)
-    every = f"mean of {len(lab.seeds)} seed(s)"
-    axes[0].set(xlabel="KTO iteration", ylabel="saturated (%)", title=f"share saturated, per batch ({every})")
-    axes[1].set(xlabel="KTO iteration", ylabel="mean weight", title=f"mean weight lambda beta v (1 - v) ({every})")
-    for ax, stop in zip(axes[2:], shown):
-        for z in (-3.64, 3.64):  # beyond |z| = 3.64 the weight is below 10% of its peak
-            ax.axvline(z, color="gray", lw=0.8, ls=":")
-        ax.set(xlabel="z = beta (r - z_ref)", ylabel="training examples", title=f"all examples at iteration {stop}, seed {lab.seeds[0]}")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.title.set_fontsize(8)
-    save_figure(lab, fig)
+    figures.saturation(lab.dir, numbers, results, lab.seeds)
 
 
 def lesson_noise(lab: Lab) -> None:
-    """KTO vs DPO with 0-30% of labels flipped; do flipped examples saturate (and so get ignored)?"""
-    levels = (0.0, 0.1, 0.2, 0.3)
-    plan = [(f"{loss.upper()} noise {level}", {"loss": loss, "label_noise": level}) for level in levels for loss in ("kto", "dpo")]
-    results = lab.runs(tune.with_tuned(lab.base, plan))
+    """0-30% of labels flipped: KTO with each value function (kto.VALUES) and DPO, at beta 0.1 and 0.5, and after
+    `tune` KTO and DPO at their tuned settings. Does wrong-side saturation protect KTO? Flipped examples'
+    weight and wrong-side share against the clean ones'."""
+    levels, betas = (0.0, 0.1, 0.2, 0.3), (0.1, 0.5)
+    plan, tuned = [("SFT", {"loss": "none"})], []
+    for beta in betas:
+        for level in levels:
+            plan += [(f"KTO {value} beta {beta} noise {level}", {"loss": "kto", "value": value, "beta": beta, "label_noise": level})
+                     for value in kto.VALUES]
+            plan.append((f"DPO beta {beta} noise {level}", {"loss": "dpo", "beta": beta, "label_noise": level}))
+    for level in levels:  # the tuned lr, beta and stop replace the shared ones: only eq. (7)'s KTO and DPO
+        tuned += [(f"KTO noise {level}", {"loss": "kto", "label_noise": level}), (f"DPO noise {level}", {"loss": "dpo", "label_noise": level})]
+    results = lab.runs(plan + tune.with_tuned(lab.base, [], tuned))
     numbers = {"utility": utility_table(results), "weights": {}}
-    numbers["differences"] = stats.claims(numbers["utility"], [(f"KTO noise {lv}", f"DPO noise {lv}") for lv in levels])
-    print("\nshared setting: mean gradient weight over training, as a share of the loss's largest (KTO beta/4, DPO beta)")
-    print(f"{'run':<22}{'clean':>10}{'flipped':>10}{'flipped / clean':>18}")
-    for level in levels[1:]:
-        for loss, peak, clean in (("KTO", lab.base.beta / 4, ("desirable", "undesirable")), ("DPO", lab.base.beta, ("pairs",))):
-            name = f"{loss} noise {level}"
-            w = {"clean": over_training(lab, name, clean, "grad_weight") / peak,
-                 "flipped": over_training(lab, name, ("flipped",), "grad_weight") / peak}
-            numbers["weights"][name] = {k: v.tolist() for k, v in w.items()}
-            c, f = np.nanmean(w["clean"]), np.nanmean(w["flipped"])
-            print(f"{name:<22}{c:>10.3f}{f:>10.3f}{f / c:>18.2f}")
+    numbers["differences"] = stats.claims(numbers["utility"], [(f"KTO sigmoid beta {b} noise {lv}", f"{other} beta {b} noise {lv}")
+                                                              for b in betas for lv in levels[1:]
+                                                              for other in ("DPO", "KTO linear", "KTO logsigmoid")] +
+                                          [(f"KTO noise {lv} [tuned]", f"DPO noise {lv} [tuned]") for lv in levels])
+    print("\nmean over training: weight as a share of the loss's largest, and % saturated on the wrong side")
+    print(f"{'run':<38}{'clean share':>13}{'flipped share':>15}{'flipped / clean':>17}{'wrong side: clean':>19}{'flipped':>9}")
+    for name, _ in plan[1:]:
+        if "noise 0.0" in name:
+            continue
+        clean = ("pairs",) if name.startswith("DPO") else ("desirable", "undesirable")
+        w = {key: {part: over_training(lab, name, groups, key).tolist() for part, groups in (("clean", clean), ("flipped", ("flipped",)))}
+             for key in ("weight_share", "saturated_wrong")}
+        numbers["weights"][name] = w
+        c, f = np.nanmean(w["weight_share"]["clean"]), np.nanmean(w["weight_share"]["flipped"])
+        wc, wf = 100 * np.nanmean(w["saturated_wrong"]["clean"]), 100 * np.nanmean(w["saturated_wrong"]["flipped"])
+        print(f"{name:<38}{c:>13.3f}{f:>15.3f}{f / c:>17.2f}{wc:>18.1f}%{wf:>8.1f}%")
     lab.save(numbers)
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for loss, color in (("KTO", "#2ca02c"), ("DPO", "#1f77b4")):
-        u = [numbers["utility"][f"{loss} noise {level}"]["sampled"] for level in levels]
-        left.errorbar([100 * lv for lv in levels], [100 * np.mean(v) for v in u],
-                      yerr=[[100 * (np.mean(v) - min(v)) for v in u], [100 * (max(v) - np.mean(v)) for v in u]],
-                      color=color, marker="o", capsize=3, label=loss)
-        w = numbers["weights"][f"{loss} noise 0.3"]
-        right.plot(smooth(np.array(w["clean"])), color=color, label=f"{loss} clean")
-        right.plot(smooth(np.array(w["flipped"])), color=color, ls="--", label=f"{loss} flipped")
-    left.set(xlabel="labels flipped (%)", ylabel="held-out utility, sampled (%)", title="utility under label noise", ylim=(0, 100))
-    right.set(xlabel="iteration", ylabel="mean weight / its largest", title="30% flipped: weight of flipped vs clean")
-    left.legend()
-    right.legend()
-    save_figure(lab, fig)
+    figures.noise(lab.dir, numbers, levels, betas)
 
 
 def lesson_imbalance(lab: Lab) -> None:
@@ -342,27 +255,19 @@ def lesson_one_y_per_x(lab: Lab) -> None:
 
 def lesson_no_sft(lab: Lab) -> None:
     """KTO and DPO from a random init, no SFT: utility, completion length and how often it ends (EOT)."""
-    scratch = {"init_from": "scratch", "eval_tokens": 16, "max_iters": 800, "lr": 3e-3}  # a random start needs more
+    scratch = {"init_from": "scratch", "eval_tokens": max(16, lab.base.eval_tokens), "max_iters": 800, "lr": 3e-3}
     print("one setting for all three: tune chooses from the SFT start, and its choices do not carry to a random one")
     results = lab.runs([("SFT from scratch", {"loss": "sft", **scratch}), ("DPO from scratch", {"loss": "dpo", **scratch}),
                         ("KTO from scratch", {"loss": "kto", **scratch})])
     numbers = utility_table(results, extra={"length (tokens)": ("sampled.length", 1), "ends with EOT (%)": ("sampled.eot", 100)})
     lab.save(numbers)
-    plt = pyplot()
-    if plt:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-        bars(axes[0], numbers, list(numbers))
-        bars(axes[1], numbers, list(numbers), "length (tokens)", 1, "mean sampled completion length (tokens, of 16)",
-             color="#d9a38f")
-        bars(axes[2], numbers, list(numbers), "ends with EOT (%)", 100, "sampled completions ending with EOT (%)",
-             color="#b3d98f")
-        save_figure(lab, fig)
+    figures.no_sft(lab.dir, numbers, scratch["eval_tokens"])
 
 
 def lesson_beta(lab: Lab) -> None:
     """A beta sweep: larger beta saturates more examples sooner; what does that do to utility?"""
     betas = (0.02, 0.1, 0.5, 2.0)
-    results = lab.runs([(f"KTO beta={b}", {"loss": "kto", "beta": b}) for b in betas])
+    results = lab.runs([("SFT", {"loss": "none"})] + [(f"KTO beta={b}", {"loss": "kto", "beta": b}) for b in betas])
     numbers = {"utility": utility_table(results), "saturated": {}}
     print(f"\n{'run':<16}{'saturated, mean over training (%)':>36}")
     for b in betas:
@@ -371,21 +276,12 @@ def lesson_beta(lab: Lab) -> None:
         numbers["saturated"][name] = sat
         print(f"{name:<16}{stats.fmt(sat):>36}")
     lab.save(numbers)
-    plt = pyplot()
-    if plt:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for b in betas:
-            name = f"KTO beta={b}"
-            ax.scatter([100 * s for s in numbers["saturated"][name]], [100 * u for u in numbers["utility"][name]["sampled"]],
-                       label=f"beta={b}")
-        ax.set(xlabel="saturated examples, mean over training (%)", ylabel="held-out utility, sampled (%)", ylim=(0, 103))
-        ax.legend(loc="lower right")
-        save_figure(lab, fig)
+    figures.beta(lab.dir, numbers, betas)
 
 
 def lesson_contradict(lab: Lab) -> None:
     """30% of the pairs also come from a second annotator with the opposite preference (Theorem 4.3)."""
-    results = lab.runs(tune.with_tuned(lab.base, [("KTO", {"loss": "kto"}), ("DPO", {"loss": "dpo"}),
+    results = lab.runs(tune.with_tuned(lab.base, [("SFT", {"loss": "none"}), ("KTO", {"loss": "kto"}), ("DPO", {"loss": "dpo"}),
                                                   ("KTO, 30% contradicted", {"loss": "kto", "contradict": 0.3}),
                                                   ("DPO, 30% contradicted", {"loss": "dpo", "contradict": 0.3})]))
     numbers = utility_table(results)
@@ -397,16 +293,7 @@ def lesson_contradict(lab: Lab) -> None:
         numbers[name].update(contradicted_prompts=c, other_prompts=o)
         print(f"{name:<28}{stats.fmt(c):>24}{stats.fmt(o):>18}")
     lab.save({"utility": numbers, "differences": diffs})
-    plt = pyplot()
-    if plt:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-        bars(left, numbers, list(numbers))
-        names = ["KTO, 30% contradicted", "DPO, 30% contradicted"]
-        for offset, key, color in ((-0.2, "contradicted_prompts", "#d9a38f"), (0.2, "other_prompts", "#8fb3d9")):
-            bars(right, numbers, names, key, ylabel="greedy utility on training prompts (%)", offset=offset, width=0.4,
-                 color=color, label=key.replace("_", " "))
-        right.legend(fontsize=7)
-        save_figure(lab, fig)
+    figures.contradict(lab.dir, numbers)
 
 
 LESSONS = {"tune": tune.tune, "value": lesson_value, "dpo": lesson_dpo, "saturation": lesson_saturation, "noise": lesson_noise,
@@ -421,25 +308,30 @@ def main() -> None:
         raise SystemExit(0 if args else 1)
     if args[0] not in LESSONS:
         raise SystemExit(f"error: unknown lesson '{args[0]}': expected one of {', '.join(LESSONS)}")
-    lesson, seeds, overrides = args[0], 2 if args[0] == "tune" else 5, []
+    lesson, seeds, run_file, overrides = args[0], 2 if args[0] == "tune" else 5, None, []
+    task = "arithmetic"
     for arg in args[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
         if key == "seeds":
             if not value.isdigit() or not 1 <= int(value) <= len(SEEDS):
                 raise SystemExit(f"error: --seeds={value}: expected an integer from 1 to {len(SEEDS)}")
             seeds = int(value)
+        elif key == "run" and lesson == "value":
+            run_file = value
         else:
+            task = value if key == "data" else task
             overrides.append(arg)
-    base = config.parse_config([f"--{k}={v}" for k, v in LESSON_DEFAULTS.items()] + overrides)
+    defaults = {**LESSON_DEFAULTS, "data": task, **TASK_DEFAULTS.get(task, {})}
+    base = config.parse_config([f"--{k}={v}" for k, v in defaults.items()] + overrides)
     for key in LESSON_KEYS:  # given on the command line or in a preset file
         if getattr(base, key) != getattr(config.TrainConfig(), key):
             raise SystemExit(f"error: {key}={getattr(base, key)!r}: the lessons set {', '.join(LESSON_KEYS)} themselves "
                              f"(seeds: --seeds=N)")
     _, _, device = train.setup_distributed(base)
-    trains = "" if lesson == "value" else f"seeds {', '.join(map(str, SEEDS[:seeds]))}; "
+    trains = "" if lesson == "value" else f"{base.data} task; seeds {', '.join(map(str, SEEDS[:seeds]))}; "
     print(f"lesson {lesson}: {trains}device {device}, torch {torch.__version__}")
     try:
-        LESSONS[lesson](Lab(lesson, base, seeds, device))
+        LESSONS[lesson](Lab(lesson, base, seeds, device, run_file))
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
 

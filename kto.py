@@ -11,7 +11,8 @@ processes that share a batch.
 
 The losses return (loss, stats). Stats of 0 dimensions are sums and counts, which add up across
 micro-batches and ranks (metrics.py turns them into means); stats of 1 dimension are per example (per
-pair for DPO): z, the gradient weight of Prop. 4.1 and whether it is saturated.
+pair for DPO): z, the gradient weight of Prop. 4.1, its share of the largest, whether it is saturated, and
+whether it lies on the side its label asks for.
 """
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 # An example is "saturated" when its gradient weight is below this fraction of the largest weight the
 # loss can give (KTO: lambda_y * beta / 4 at r = z_ref; DPO: beta, for a pair ordered far wrong).
+# Saturated examples are counted by side: "right" (the loss already rates them as their label asks:
+# desirable above z_ref, undesirable below, a pair ordered right) or "wrong".
 SATURATION_FRACTION = 0.1
 
 
@@ -62,6 +65,26 @@ def kl_reference_point(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.
     return kl_raw.clamp(min=0), kl_raw
 
 
+# The value functions: eq. (7)'s sigmoid, and two ablations as the authors' code had them for ablations.
+# u = beta (r - z_ref) for a desirable example, beta (z_ref - r) for an undesirable one: u > 0 on the right side.
+#   sigmoid     v = sigmoid(u)        weight lambda beta v (1 - v): vanishes on both sides (Prop. 4.1)
+#   logsigmoid  loss -lambda log v    weight lambda beta (1 - v): vanishes only on the right side, like DPO
+#   linear      v = 1/2 + u/4         weight lambda beta / 4 for every u: the sigmoid's tangent at the reference
+#                                     point, the same weight there and never saturating (unbounded below)
+VALUES = ("sigmoid", "logsigmoid", "linear")
+
+
+def side_stats(weight: torch.Tensor, peak: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Saturation split by side: an example is saturated when its weight is below SATURATION_FRACTION of the
+    loss's largest (`peak`), "right" when the loss already rates it on the side its label asks for. Sums and
+    per-example values (`share`: weight as a share of the peak, the continuous measure)."""
+    share = weight / peak
+    saturated = share < SATURATION_FRACTION
+    return {"grad_weight_sum": weight.sum(), "weight_share_sum": share.sum(), "n_saturated": saturated.float().sum(),
+            "n_saturated_right": (saturated & right).float().sum(), "n_saturated_wrong": (saturated & ~right).float().sum(),
+            "weight": weight, "share": share, "saturated": saturated, "right": right}
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
@@ -71,48 +94,56 @@ def kto_loss(
     beta: float = 0.1,
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
+    value: str = "sigmoid",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The KTO loss, eq. (7), and the stats that describe it.
 
     policy_logps, reference_logps: (B,) log pi(y|x) of each example's own completion.
     policy_kl_logps, reference_kl_logps: log-probs of the mismatched KL pairs (see `kl_reference_point`).
     desirable: (B,) bool, the label of each example.
+    value: "sigmoid" (eq. 7) or an ablation, "logsigmoid" or "linear" (see VALUES).
 
     Returns the mean over examples of lambda(y) * (1 - v(x, y)) and the stats (see the module docstring),
-    per example: z = beta * (r - z_ref), the weight lambda(y) * beta * v * (1 - v) and `saturated`.
+    per example: z = beta * (r - z_ref), the weight lambda(y) * beta * v * (1 - v), its share of the peak,
+    `saturated` and `right` (see `side_stats`).
     The mean is over this rank's examples; DDP's average of the ranks' gradients is then the global mean
     because every rank holds an equal share of the batch (train.run refuses anything else).
     """
+    if value not in VALUES:
+        raise ValueError(f"value={value!r}: expected one of {', '.join(VALUES)}")
     z_ref, kl_raw = kl_reference_point(policy_kl_logps, reference_kl_logps)
     r = implied_reward(policy_logps, reference_logps)
     # The value function v of eq. (7): desirable outputs gain value above the reference point,
     # undesirable ones below it.
-    v = torch.where(desirable, torch.sigmoid(beta * (r - z_ref)), torch.sigmoid(beta * (z_ref - r)))
+    u = torch.where(desirable, beta * (r - z_ref), beta * (z_ref - r))
     lam = torch.where(desirable, torch.full_like(r, lambda_d), torch.full_like(r, lambda_u))
-    losses = lam * (1 - v)  # eq. (7): w(y) (1 - v), w = lambda_D or lambda_U
+    if value == "sigmoid":
+        v = torch.sigmoid(u)
+        losses = lam * (1 - v)  # eq. (7): w(y) (1 - v), w = lambda_D or lambda_U
+        # Prop. 4.1 / eq. (9): d loss / d log pi_theta(y|x) = -/+ lambda(y) * beta * v * (1 - v):
+        # near zero for examples whose reward is far from z_ref on either side (saturation).
+        weight, peak = lam * beta * v * (1 - v), lam * beta / 4
+    elif value == "logsigmoid":
+        losses = -lam * F.logsigmoid(u)
+        weight, peak = lam * beta * torch.sigmoid(-u), lam * beta
+    else:
+        losses = lam * (1 - (0.5 + u / 4))
+        weight, peak = lam * beta / 4, lam * beta / 4
     loss = losses.mean()
 
-    # Prop. 4.1 / eq. (9): d loss / d log pi_theta(y|x) = -/+ lambda(y) * beta * v * (1 - v):
-    # near zero for examples whose reward is far from z_ref on either side (saturation).
-    weight = (lam * beta * v * (1 - v)).detach()
-    saturated = weight < SATURATION_FRACTION * lam * beta / 4
-    r, d, u = r.detach(), desirable.float(), (~desirable).float()
-    z = beta * (r - z_ref)
+    r, d, un = r.detach(), desirable.float(), (~desirable).float()
     stats = {
         "loss_sum": losses.detach().sum(),
         "n": torch.full((), float(r.numel()), device=r.device),
         "n_desirable": d.sum(),
-        "n_undesirable": u.sum(),
+        "n_undesirable": un.sum(),
         "reward_desirable_sum": (r * d).sum(),
-        "reward_undesirable_sum": (r * u).sum(),
-        "grad_weight_sum": weight.sum(),
-        "n_saturated": saturated.float().sum(),
+        "reward_undesirable_sum": (r * un).sum(),
         "kl_raw_sum": kl_raw,  # z_ref and the raw estimate, once per batch: the clamp shows when they differ
         "z_ref_sum": z_ref,
         "n_batches": torch.ones((), device=r.device),
-        "z": z,
-        "weight": weight,
-        "saturated": saturated,
+        "z": beta * (r - z_ref),
+        **side_stats(torch.broadcast_to(weight, r.shape).detach(), peak, u.detach() > 0),
     }
     return loss, stats
 
@@ -145,7 +176,6 @@ def dpo_loss(
     # for pairs ordered wrong and vanishes only once a pair is ordered right by a wide margin. Unlike
     # KTO's, it never saturates on the wrong side (see the `value` lesson).
     weight = (beta * torch.sigmoid(-z)).detach()
-    saturated = weight < SATURATION_FRACTION * beta
     z = z.detach()
     stats = {
         "loss_sum": losses.detach().sum(),
@@ -153,11 +183,8 @@ def dpo_loss(
         "reward_chosen_sum": r_chosen.detach().sum(),
         "reward_rejected_sum": r_rejected.detach().sum(),
         "n_ordered": (z > 0).float().sum(),  # pairs whose chosen completion already has the larger reward
-        "grad_weight_sum": weight.sum(),
-        "n_saturated": saturated.float().sum(),
         "z": z,
-        "weight": weight,
-        "saturated": saturated,
+        **side_stats(weight, torch.full_like(z, beta), z > 0),
     }
     return loss, stats
 

@@ -26,6 +26,18 @@ SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_dev", "task_max_oper
             "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_iters", "device")
 
 
+# Settings added after the lessons' runs were first kept: left out of a run's settings while at their
+# default, so that the runs kept before them stay found.
+LATER_KEYS = ("value",)
+
+
+def settings_of(cfg: config.TrainConfig) -> dict:
+    """cfg's settings as a run is keyed by: all but out_dir (and LATER_KEYS at their defaults)."""
+    defaults = config.TrainConfig()
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k != "out_dir" and not (k in LATER_KEYS and v == getattr(defaults, k))}
+
+
 def digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -42,7 +54,7 @@ def contents(cfg: config.TrainConfig, keys: tuple[str, ...]) -> dict:
     """The content digests of the files cfg's `keys` name (a data file, a start checkpoint): a file replaced
     at the same path makes new runs."""
     return {f"{key}_sha256": content_sha256(getattr(cfg, key)) for key in keys
-            if getattr(cfg, key) not in ("arithmetic", "scratch", "sft")}
+            if getattr(cfg, key) not in (*task.TASKS, "scratch", "sft")}
 
 
 def strict(obj):
@@ -65,8 +77,9 @@ class Lab:
     Runs live in out_dir/runs/, named by a digest of all their settings: a run is trained once, whichever
     lesson asks for it first, and a changed setting makes a new run."""
 
-    def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device):
+    def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device, run_file: str | None = None):
         self.lesson, self.base, self.seeds, self.device = lesson, base, SEEDS[:seeds], device
+        self.run_file = run_file  # a weighed run's result.json, for the value lesson to draw
         self.dir = os.path.join(base.out_dir, lesson)  # the lesson's table and figure
         self.dirs: dict[tuple[str, int], str] = {}  # (run name, seed) -> its folder in out_dir/runs
         os.makedirs(self.dir, exist_ok=True)
@@ -91,7 +104,7 @@ class Lab:
         start_only, control = overrides.get("loss") == "none", overrides.get("loss") == "control"
         cfg = dataclasses.replace(self.base, seed=seed, resume=True, control=False,
                                   **{k: v for k, v in overrides.items() if not (k == "loss" and (start_only or control))})
-        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+        settings = settings_of(cfg)
         settings.update(contents(cfg, ("data", "sft_init", "init_from")))  # the files' content, not only their names
         key = digest({**settings, "start_only": start_only, "weigh": weigh, **({"control": True} if control else {})})
         out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
@@ -158,6 +171,18 @@ class Lab:
         print(f"numbers: {path}")
 
 
+def read_weighed(path: str) -> dict:
+    """A run's result.json with its examples weighed (the saturation lesson's runs); else one error line."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --run={path}: {e}") from None
+    if not isinstance(result, dict) or "weights" not in result:
+        raise SystemExit(f"error: --run={path}: expected the result.json of a weighed run (the saturation lesson prints one)")
+    return result
+
+
 def read_rows(out_dir: str) -> list[dict]:
     """Every row of a run's metrics.jsonl."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -167,15 +192,15 @@ def read_rows(out_dir: str) -> list[dict]:
 @torch.no_grad()
 def weigh_examples(model: torch.nn.Module, cfg: config.TrainConfig, units: list[data.Tokens], init: str | None,
                    device: torch.device) -> dict[str, list]:
-    """z, the Prop. 4.1 weight and `saturated` of the training examples under `model` (KTO), in whole
-    batches taken in order, and each one's group."""
+    """z, the Prop. 4.1 weight, its share of the peak, `saturated` and `right` (kto.side_stats) of the training
+    examples under `model` (KTO), in whole batches taken in order, and each one's group."""
     reference = checkpoint.build_model(cfg, init, device).eval()
     model.eval()
-    out: dict[str, list] = {"z": [], "weight": [], "saturated": [], "group": []}
+    out: dict[str, list] = {key: [] for key in (*metrics.EXAMPLE_KEYS, "group")}
     for number, indices in enumerate(data.eval_batches(len(units), cfg.batch_size)):
         batch = train.load_batch(units, indices, number, cfg, "kto", 0, 1, device, None)
         _, stats = train.compute_loss(model, reference, batch, cfg, "kto")
-        for key in ("z", "weight", "saturated"):
+        for key in metrics.EXAMPLE_KEYS:
             out[key] += stats[key].tolist()
         out["group"] += [metrics.group_of(data.TAGS.index(units[i].tag), units[i].desirable) for i in indices]
     model.train()

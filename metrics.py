@@ -38,7 +38,9 @@ def summarize(sums: dict[str, float]) -> dict[str, float | None]:
                    ordered=mean("n_ordered", "n"))
         out["margin"] = out["reward_chosen"] - out["reward_rejected"]
     if "grad_weight_sum" in sums:
-        out.update(grad_weight=mean("grad_weight_sum", "n"), saturated=mean("n_saturated", "n"))
+        out.update(grad_weight=mean("grad_weight_sum", "n"), weight_share=mean("weight_share_sum", "n"),
+                   saturated=mean("n_saturated", "n"), saturated_right=mean("n_saturated_right", "n"),
+                   saturated_wrong=mean("n_saturated_wrong", "n"))
     return out
 
 
@@ -51,24 +53,30 @@ def reduce(totals: dict[str, torch.Tensor]) -> dict[str, float | None]:
     return summarize(dict(zip(keys, sums.tolist())))
 
 
-def group_summary(z: np.ndarray, weight: np.ndarray, saturated: np.ndarray, group: list[str],
-                  names: tuple[str, ...]) -> dict[str, dict]:
-    """Per group of examples, in the order of `names`: how many, their mean gradient weight, the share
-    saturated, and the 10/50/90% quantiles of z. group[i] names example i's group."""
+def group_summary(examples: dict[str, np.ndarray], group: list[str], names: tuple[str, ...]) -> dict[str, dict]:
+    """Per group of examples, in the order of `names`: how many, their mean gradient weight and its mean share
+    of the peak, the share saturated (in all, on the right side, on the wrong side; kto.side_stats), and the
+    10/50/90% quantiles of z. examples: per-example arrays z, weight, share, saturated, right; group[i] names
+    example i's group."""
     group = np.asarray(group)
+    z, saturated, right = examples["z"], examples["saturated"].astype(bool), examples["right"].astype(bool)
     out = {}
     for name in names:
         mask = group == name
         if not mask.any():
             continue
         q10, q50, q90 = np.quantile(z[mask], [0.1, 0.5, 0.9]).tolist()
-        out[name] = {"n": int(mask.sum()), "grad_weight": float(weight[mask].mean()),
-                     "saturated": float(saturated[mask].mean()), "z_q10": q10, "z_q50": q50, "z_q90": q90}
+        out[name] = {"n": int(mask.sum()), "grad_weight": float(examples["weight"][mask].mean()),
+                     "weight_share": float(examples["share"][mask].mean()), "saturated": float(saturated[mask].mean()),
+                     "saturated_right": float((saturated & right)[mask].mean()),
+                     "saturated_wrong": float((saturated & ~right)[mask].mean()), "z_q10": q10, "z_q50": q50, "z_q90": q90}
     return out
 
 
 # Examples are followed in groups: by label (KTO) or as pairs (DPO) when clean, else by their tag.
 GROUPS = ("desirable", "undesirable", "pairs", "flipped", "contradicted")
+# The per-example stats of the losses that rows follow by group.
+EXAMPLE_KEYS = ("z", "weight", "share", "saturated", "right")
 
 
 def group_of(tag: int, desirable: int) -> str:
@@ -79,8 +87,8 @@ def group_of(tag: int, desirable: int) -> str:
 
 def step_stats(micro_stats: list[dict[str, torch.Tensor]], micro_batches: list[dict[str, torch.Tensor]],
                loss_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One step's stats on the device: its sums (sorted keys) and per-example rows (z, weight, saturated,
-    tag, desirable) x n, desirable -1 for pairs."""
+    """One step's stats on the device: its sums (sorted keys) and per-example rows (EXAMPLE_KEYS, tag,
+    desirable) x n, desirable -1 for pairs."""
     sums = torch.stack([sum(s[k] for s in micro_stats).float() for k in sorted(micro_stats[0]) if micro_stats[0][k].dim() == 0])
     if "z" not in micro_stats[0]:
         return sums, None
@@ -88,7 +96,7 @@ def step_stats(micro_stats: list[dict[str, torch.Tensor]], micro_batches: list[d
     for s, b in zip(micro_stats, micro_batches):
         tag = b["tag"][0::2] if loss_name == "dpo" else b["tag"]  # DPO: one row per pair
         desirable = b["desirable"] if "desirable" in b else torch.full_like(tag, -1)
-        rows.append(torch.stack([s["z"].float(), s["weight"].float(), s["saturated"].float(), tag.float(), desirable.float()]))
+        rows.append(torch.stack([s[k].float() for k in EXAMPLE_KEYS] + [tag.float(), desirable.float()]))
     return sums, torch.cat(rows, dim=1)
 
 
@@ -108,9 +116,9 @@ def gather_rows(pending: list[tuple[dict, torch.Tensor, torch.Tensor | None]], k
     for i, (record, _, _) in enumerate(pending):
         record = {**record, **summarize(dict(zip(keys, sums[i])))}
         if examples is not None:
-            z, weight, saturated, tag, desirable = examples[i]
+            *values, tag, desirable = examples[i]
             groups = [group_of(int(t), int(d)) for t, d in zip(tag, desirable)]
-            record["groups"] = group_summary(z, weight, saturated, groups, GROUPS)
+            record["groups"] = group_summary(dict(zip(EXAMPLE_KEYS, values)), groups, GROUPS)
         out.append(record)
     return out
 
@@ -127,8 +135,9 @@ def format_metrics(m: dict) -> str:
         parts += [f"reward chosen {fmt(m['reward_chosen'])} rejected {fmt(m['reward_rejected'])} "
                   f"margin {fmt(m['margin'])} ordered {100 * m['ordered']:.0f}%"]
     if "groups" in m:
-        parts += [f"grad weight {m['grad_weight']:.4f}", "saturated " +
-                  " ".join(f"{name} {100 * g['saturated']:.0f}%" for name, g in m["groups"].items())]
+        parts += [f"grad weight {m['grad_weight']:.4f} ({100 * m['weight_share']:.0f}% of peak)", "saturated right/wrong side " +
+                  " ".join(f"{name} {100 * g['saturated_right']:.0f}/{100 * g['saturated_wrong']:.0f}%"
+                           for name, g in m["groups"].items())]
     return " | ".join(parts)
 
 

@@ -1,8 +1,17 @@
-"""The built-in task: word problems, a noisy demonstrator, a judge, and a model's utility on held-out prompts.
+"""The built-in tasks: prompts, a noisy demonstrator, a judge, and a model's utility on held-out prompts.
 
-Word problems "Q: Ann had 3 apples, got 4 more. Total? A:" answered by a noisy demonstrator who is
-right with probability p_correct and otherwise usually one too many. The judge labels each answer.
-The true utility (the share of correct answers) is what alignment should raise.
+"arithmetic": word problems "Q: Ann had 3 apples, got 4 more. Total? A:" answered " 7" by a demonstrator
+who is right with probability p_correct and otherwise usually one too many. Completions are two tokens
+(a number and EOT): the reference finds them likely, so the reward r <= -log pi_ref(y|x) has little room.
+
+"lists": "Q: Ann wants 8 odd numbers. A:" answered " 13 58 101 7 95 31 64 3" (8 to 18 numbers from 1 to 199,
+a token each, then EOT). The demonstrator keeps the rule with probability p_correct, else follows its habitual
+confusion, the opposite rule; a number in ten slips, and one number too many now and then. Many completions are right, so each is unlikely (-log pi_ref(y|x) runs to tens of nats, about 5 a
+number): room for the reward on both sides of z_ref. The judge gives partial credit.
+
+Both: the judge's score is in [0, 1]; a completion is desirable when it scores at least 1/2. The
+utility (the judge's mean score on held-out prompts) is what alignment should raise; with p_correct
+below 1/2 the demonstrator's most common answer is wrong, which SFT alone cannot undo.
 """
 import random
 import re
@@ -12,63 +21,99 @@ import torch
 import data
 from model import GPT
 
+TASKS = ("arithmetic", "lists")
 NAMES = ["Ann", "Bob", "Eve", "Tom", "Sam", "Max", "Kim", "Leo", "Mia", "Zoe"]
 ITEMS = ["apples", "cats", "books", "coins", "eggs", "pens", "cards", "shells"]
 PROBLEM = re.compile(r"Q: \w+ had (\d+) \w+, got (\d+) more\. Total\? A:$")
+# the lists task's rules, as its prompts word them, and the numbers its demonstrator draws from
+RULES = {"even numbers": lambda n: n % 2 == 0, "odd numbers": lambda n: n % 2 == 1,
+         "numbers above 100": lambda n: n > 100, "numbers below 100": lambda n: n < 100}
+LIST = re.compile(r"Q: \w+ wants (\d+) (" + "|".join(RULES) + r")\. A:$")
+NUMBERS, COUNTS = range(1, 200), range(8, 19)  # " 1" to " 199" are one GPT-2 token each
+DESIRABLE_SCORE = 0.5  # a completion scoring at least this is labelled desirable
 
 
 def judge(prompt: str, completion: str) -> float:
-    """1.0 if the completion is the correct total for the prompt's word problem, else 0.0."""
-    match = PROBLEM.search(prompt)
-    if match is None:
-        raise ValueError(f"not a problem of the built-in task: {prompt!r}")
-    return float(completion.strip() == str(int(match[1]) + int(match[2])))
+    """The score of a completion for a prompt of either task, in [0, 1].
+
+    arithmetic: 1 for the correct total, else 0. lists: the numbers that keep the rule, each counted
+    once and at most the count asked for, over that count or the count written, whichever is larger
+    (one too many costs about as much as one wrong): " 13 58 101" for 3 odd numbers scores 2/3. Numbers
+    may be parted by spaces or commas."""
+    if match := PROBLEM.search(prompt):
+        return float(completion.strip() == str(int(match[1]) + int(match[2])))
+    if match := LIST.search(prompt):
+        count, rule = int(match[1]), RULES[match[2]]
+        items = [item for item in re.split(r"[\s,]+", completion) if item]
+        kept = {int(item) for item in items if re.fullmatch(r"[1-9]\d*", item) and rule(int(item))}
+        return min(len(kept), count) / max(count, len(items))
+    raise ValueError(f"not a prompt of a built-in task: {prompt!r}")
 
 
-def task_prompts(max_operand: int) -> list[str]:
-    """Every prompt of the built-in task: each name, item and pair of operands once."""
-    return [f"Q: {name} had {a} {item}, got {b} more. Total? A:"
-            for name in NAMES for item in ITEMS for a in range(max_operand + 1) for b in range(max_operand + 1)]
+def task_prompts(name: str, max_operand: int = 4) -> list[str]:
+    """Every prompt of a built-in task: arithmetic, each name, item and pair of operands from 0 to
+    max_operand once; lists, each name, count and rule once (440)."""
+    if name == "arithmetic":
+        return [f"Q: {who} had {a} {item}, got {b} more. Total? A:"
+                for who in NAMES for item in ITEMS for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    return [f"Q: {who} wants {count} {rule}. A:" for who in NAMES for count in COUNTS for rule in RULES]
 
 
 def demonstrate(total: int, p_correct: float, rng: random.Random) -> int:
-    """The demonstrator's answer: right with probability p_correct, else its habitual slip, one too
+    """The arithmetic demonstrator's answer: right with probability p_correct, else its habitual slip, one too
     many (5 times in 6; so with p_correct below 1/2 its most common answer is wrong), or off by -1 or +2."""
     if rng.random() < p_correct:
         return total
     return total + (1 if rng.random() < 5 / 6 else rng.choice([d for d in (-1, 2) if total + d >= 0]))
 
 
-def arithmetic_task(seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1, max_operand: int = 4,
-                    demos: int = 1, dev_fraction: float = 0.0) -> tuple[list[data.Example] | list[data.Pair], list[str], list[str]]:
-    """The built-in task: judged demonstrations on training prompts, held-out (test) prompts and dev prompts.
+def demonstrate_list(count: int, rule: str, p_correct: float, rng: random.Random) -> list[int]:
+    """The lists demonstrator's distinct numbers: with probability p_correct it keeps the rule, else its habitual
+    confusion, the opposite rule (odd for even, below for above); one number in ten slips to the other side
+    (odd and even: one more; above and below 100: 200 - n), and one too many 1 time in 6."""
+    keep = [n for n in NUMBERS if RULES[rule](n) == (rng.random() < p_correct)]
+    out = []
+    for _ in range(count + (rng.random() < 1 / 6)):
+        while True:
+            n = rng.choice(keep)
+            if rng.random() < 0.1:
+                n = 200 - n if "100" in rule else n + 1 if n < NUMBERS[-1] else n - 1
+            if n not in out:
+                break
+        out.append(n)
+    return out
+
+
+def make_task(name: str, seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1, max_operand: int = 4,
+              demos: int = 1, dev_fraction: float = 0.0) -> tuple[list[data.Example] | list[data.Pair], list[str], list[str]]:
+    """A built-in task: judged demonstrations on training prompts, held-out (test) prompts and dev prompts.
 
     Seeded fractions of the prompts are held out for the final evaluation and kept as a dev split for
     choosing settings; the three sets are disjoint, and the held-out prompts do not depend on
-    dev_fraction. demos=1: one answer per training
-    prompt, one Example each. demos=k>1: the demonstrator answers each prompt k times, and a prompt
-    with a correct and a wrong answer gives one Pair (the correct answer, the first wrong one); the
-    same pairs serve DPO, KTO (split) and SFT (labels ignored). Other prompts give no pair.
+    dev_fraction. demos=1: one completion per training prompt, one Example each. demos=k>1: the
+    demonstrator answers each prompt k times, and a prompt with a desirable and an undesirable answer gives
+    one Pair (the first of each); the same pairs serve DPO, KTO (split) and SFT (labels ignored). Other
+    prompts give no pair.
     """
     rng = random.Random(seed)
-    prompts = task_prompts(max_operand)
+    prompts = task_prompts(name, max_operand)
     rng.shuffle(prompts)
     n_heldout, n_dev = int(len(prompts) * heldout_fraction), int(len(prompts) * dev_fraction)
     heldout, dev, train = prompts[:n_heldout], prompts[n_heldout:n_heldout + n_dev], prompts[n_heldout + n_dev:]
     units = []
     for i, prompt in enumerate(train):
-        a, b = map(int, PROBLEM.search(prompt).groups())
-        answers = [demonstrate(a + b, p_correct, rng) for _ in range(demos)]
-        where = f"arithmetic task prompt {i}"
+        if name == "arithmetic":
+            a, b = map(int, PROBLEM.search(prompt).groups())
+            completions = [f" {demonstrate(a + b, p_correct, rng)}" for _ in range(demos)]
+        else:
+            count, rule = LIST.search(prompt).groups()
+            completions = ["".join(f" {n}" for n in demonstrate_list(int(count), rule, p_correct, rng)) for _ in range(demos)]
+        desirable = [judge(prompt, c) >= DESIRABLE_SCORE for c in completions]
+        where = f"{name} task prompt {i}"
         if demos == 1:
-            completion = f" {answers[0]}"
-            units.append(data.Example(prompt, completion, judge(prompt, completion) == 1.0, where))
-            continue
-        judged = {answer: judge(prompt, f" {answer}") == 1.0 for answer in answers}
-        right = [answer for answer in answers if judged[answer]]
-        wrong = [answer for answer in answers if not judged[answer]]
-        if right and wrong:
-            units.append(data.Pair(prompt, f" {right[0]}", f" {wrong[0]}", where))
+            units.append(data.Example(prompt, completions[0], desirable[0], where))
+        elif any(desirable) and not all(desirable):
+            units.append(data.Pair(prompt, completions[desirable.index(True)], completions[desirable.index(False)], where))
     return units, heldout, dev
 
 

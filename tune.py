@@ -8,7 +8,6 @@ every lesson run does, for the lessons' tables). Runs are the lessons' runs (lab
 under a digest of their settings, so a second call reads them. The choice goes to out_dir/tune/tune.json,
 where the comparison lessons find it.
 """
-import dataclasses
 import json
 import os
 
@@ -16,7 +15,7 @@ import numpy as np
 
 import config
 import train
-from lab import Lab, digest
+from lab import Lab, digest, settings_of
 
 LRS = (3e-4, 1e-3, 3e-3)
 BETAS = (0.05, 0.1, 0.5, 2.0)
@@ -29,7 +28,7 @@ FREE_KEYS = ("out_dir", "seed", "lr", "beta", "max_iters", "resume", "control", 
 
 def base_key(base: config.TrainConfig) -> str:
     """The digest of the settings a tune is valid for."""
-    return digest({k: v for k, v in dataclasses.asdict(base).items() if k not in FREE_KEYS})
+    return digest({k: v for k, v in settings_of(base).items() if k not in FREE_KEYS})
 
 
 def grid(method: str) -> list[dict]:

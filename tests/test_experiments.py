@@ -21,53 +21,99 @@ def lesson(args: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def test_value_lesson_draws_prop_4_1(tmp_path):
-    result = lesson(["value", f"--out_dir={tmp_path}"])
+def png_size(path) -> tuple[int, int]:
+    """Width and height of a PNG, from its IHDR chunk."""
+    head = path.read_bytes()[:24]
+    assert head.startswith(PNG)
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def window_by_hand(beta: float) -> float:
+    """|r - z_ref| in nats where KTO's weight v (1 - v) falls to 10% of its peak 1/4: v = (1 + sqrt(0.9)) / 2."""
+    v = (1 + math.sqrt(0.9)) / 2
+    return math.log(v / (1 - v)) / beta
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_value_lesson_draws_prop_4_1_at_the_beta_it_is_given(tmp_path, beta):
+    result = lesson(["value", f"--beta={beta}", "--lambda_u=2.25", f"--out_dir={tmp_path}"])
     numbers = json.loads((tmp_path / "value" / "value.json").read_text())
-    assert (tmp_path / "value" / "value.png").read_bytes().startswith(PNG)
-    x = numbers["x"]
-    for beta, curves in numbers["kto"].items():
-        beta = float(beta)
-        for xi, w, vd in zip(x, curves["weight"], curves["value_desirable"]):  # against the closed form
-            s = 1 / (1 + math.exp(-beta * xi))
-            assert w == pytest.approx(4 * s * (1 - s), abs=1e-9) and vd == pytest.approx(s, abs=1e-9)
-        # KTO saturates on both sides; DPO only for pairs ordered right
-        assert curves["weight"][0] < 0.1 and curves["weight"][-1] < 0.1
-        assert numbers["dpo"][str(beta)]["weight"][0] > 0.9 and numbers["dpo"][str(beta)]["weight"][-1] < 0.1
-    assert "0.1" in result.stdout and "-36.2 to +36.2" in result.stdout  # |beta z| < 3.64 at beta 0.1
+    assert png_size(tmp_path / "value" / "value.png")[0] == 1280
+    assert numbers["beta"] == beta and numbers["lambda_u"] == 2.25 and numbers["lambda_d"] == 1.0
+    z, nats = numbers["z"], numbers["nats"]
+    sig, dpo = numbers["sigmoid"], numbers["dpo"]
+    for i in range(0, len(z), 50):  # against the closed forms
+        s = 1 / (1 + math.exp(-z[i]))
+        assert nats[i] == pytest.approx(z[i] / beta)
+        assert sig["desirable"]["value"][i] == pytest.approx(s, abs=1e-9)
+        assert sig["undesirable"]["value"][i] == pytest.approx(1 - s, abs=1e-9)
+        assert sig["desirable"]["share"][i] == pytest.approx(4 * s * (1 - s), abs=1e-9)
+        assert numbers["logsigmoid"]["desirable"]["share"][i] == pytest.approx(1 - s, abs=1e-9)
+        assert numbers["linear"]["desirable"]["share"][i] == pytest.approx(1.0)
+        assert numbers["kahneman_tversky"][i] == pytest.approx(z[i] ** 0.88 if z[i] >= 0 else -2.25 * (-z[i]) ** 0.88)
+        assert dpo["value"][i] == pytest.approx(math.log(s) + math.log(2), abs=1e-9)
+    # KTO saturates on both sides, the logsigmoid ablation and DPO only on the right side, the linear one never
+    assert sig["desirable"]["saturated"][0] and sig["desirable"]["saturated"][-1]
+    assert not numbers["logsigmoid"]["desirable"]["saturated"][0] and numbers["logsigmoid"]["desirable"]["saturated"][-1]
+    assert not any(numbers["linear"]["desirable"]["saturated"])
+    assert not dpo["saturated"][0] and dpo["saturated"][-1]
+    edge = window_by_hand(beta)  # 36.4 nats at beta 0.1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("KTO sigmoid"))
+    low, high = (float(x) for x in line.split()[-3::2])
+    assert high == pytest.approx(edge, abs=0.01 / beta + 1e-9) and low == -high
+    assert f"beta {beta}" in result.stdout and "never saturates" in result.stdout
+
+
+def test_figures_are_projector_sized(tmp_path, monkeypatch):
+    """Every figure the value and a training lesson draw: 1280 px wide, no text below 12 pt."""
+    import experiments
+    import figures
+    fonts = []
+    saved = figures.save
+    monkeypatch.setattr(figures, "save", lambda d, name, fig: fonts.append(figures.smallest_font(fig)) or saved(d, name, fig))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for args in (["value"], ["contradict", "--seeds=1"] + TINY):
+        monkeypatch.setattr(sys, "argv", ["experiments.py"] + args + [f"--out_dir={tmp_path}"])
+        experiments.main()
+    assert len(fonts) == 2 and min(fonts) >= 12
+    assert png_size(tmp_path / "contradict" / "contradict.png")[0] == 1280
 
 
 def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
     args = ["noise", "--seeds=1", f"--out_dir={tmp_path}"] + TINY
     result = lesson(args)
+    assert "arithmetic task" in result.stdout
     numbers = json.loads((tmp_path / "noise" / "noise.json").read_text())
-    assert (tmp_path / "noise" / "noise.png").read_bytes().startswith(PNG)
-    assert set(numbers["utility"]) == {f"{loss} noise {level}" for loss in ("KTO", "DPO") for level in (0.0, 0.1, 0.2, 0.3)}
+    assert png_size(tmp_path / "noise" / "noise.png")[0] == 1280
+    methods = ["KTO sigmoid", "KTO logsigmoid", "KTO linear", "DPO"]
+    assert set(numbers["utility"]) == {"SFT"} | {f"{m} beta {b} noise {level}" for m in methods for b in (0.1, 0.5)
+                                                 for level in (0.0, 0.1, 0.2, 0.3)}
     assert all(0 <= u <= 1 for row in numbers["utility"].values() for u in row["sampled"] + row["greedy"])
-    assert len(numbers["weights"]["KTO noise 0.3"]["flipped"]) == 12  # one value per iteration
-    for line in ("KTO noise 0.3", "DPO noise 0.3", "flipped / clean"):
+    w = numbers["weights"]["KTO sigmoid beta 0.5 noise 0.3"]
+    assert len(w["weight_share"]["flipped"]) == len(w["saturated_wrong"]["clean"]) == 12  # one value per iteration
+    assert all(0 <= x <= 1 for x in w["weight_share"]["flipped"] + w["saturated_wrong"]["flipped"] if x is not None)
+    for line in ("KTO linear beta 0.5 noise 0.3", "DPO beta 0.1 noise 0.3", "flipped / clean", "wrong side"):
         assert line in result.stdout
-    # one SFT stage, shared by all eight runs of the seed; the runs kept under a digest of their settings
+    # one SFT stage, shared by all 33 runs of the seed; the runs kept under a digest of their settings
     assert len(os.listdir(tmp_path / "sft")) == 1
     runs = tmp_path / "runs"
-    assert len(os.listdir(runs)) == 8
+    assert len(os.listdir(runs)) == 33
     results = {r["name"]: (runs / d) for d in os.listdir(runs) for r in [json.loads((runs / d / "result.json").read_text())]}
-    metrics = results["KTO noise 0.3"] / "metrics.jsonl"
+    metrics = results["KTO sigmoid beta 0.1 noise 0.3"] / "metrics.jsonl"
     before = metrics.read_text()
-    report = json.loads((results["KTO noise 0.3"] / "result.json").read_text())["report"]
+    report = json.loads((results["KTO sigmoid beta 0.1 noise 0.3"] / "result.json").read_text())["report"]
     assert any("label_noise=0.3" in line and "flipped" in line for line in report)
     again = lesson(args)
     assert metrics.read_text() == before and again.stdout.splitlines()[1:] == result.stdout.splitlines()[1:]
-    # another lesson reuses the runs it shares (KTO and DPO without noise): only the SFT start is new (untuned,
-    # the lesson has no control or DPO+NLL run to make)
+    # another lesson reuses the runs it shares (SFT, KTO and DPO without noise at beta 0.1)
     dpo = lesson(["dpo", "--seeds=1", f"--out_dir={tmp_path}"] + TINY)
-    assert len(os.listdir(runs)) == 9
+    assert len(os.listdir(runs)) == 33
     assert "no tuned settings yet" in dpo.stdout and "SFT+KTO - SFT+DPO" in dpo.stdout
-    assert (tmp_path / "dpo" / "dpo.png").read_bytes().startswith(PNG)
+    assert png_size(tmp_path / "dpo" / "dpo.png")[0] == 1280
     # a changed setting is a new run, never the saved result of another
     lesson(["dpo", "--seeds=1", f"--out_dir={tmp_path}"] + TINY + ["--max_iters=6"])
     iters = sorted(json.loads((runs / d / "result.json").read_text())["settings"]["max_iters"] for d in os.listdir(runs))
-    assert iters == [6] * 3 + [12] * 9
+    assert iters == [6] * 3 + [12] * 33
 
 
 def test_settings_the_lessons_set_are_refused(tmp_path):

@@ -216,13 +216,68 @@ def test_advised_lambdas_put_the_ratio_in_the_papers_range(n_d, n_u, expected):
 
 
 def test_group_summary_by_hand():
-    z = np.array([-3.0, 1.0, 2.0, 0.5, 10.0])
-    weight = np.array([0.1, 0.2, 0.3, 0.4, 0.0])
-    saturated = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
-    out = metrics.group_summary(z, weight, saturated, ["desirable", "flipped", "desirable", "desirable", "flipped"],
-                            ("desirable", "undesirable", "flipped"))
+    examples = {"z": np.array([-3.0, 1.0, 2.0, 0.5, 10.0]), "weight": np.array([0.1, 0.2, 0.3, 0.4, 0.0]),
+                "share": np.array([0.4, 0.8, 1.0, 0.2, 0.0]), "saturated": np.array([0.0, 0.0, 0.0, 0.0, 1.0]),
+                "right": np.array([0.0, 1.0, 1.0, 1.0, 0.0])}
+    out = metrics.group_summary(examples, ["desirable", "flipped", "desirable", "desirable", "flipped"],
+                                ("desirable", "undesirable", "flipped"))
     assert list(out) == ["desirable", "flipped"]
     assert out["desirable"]["n"] == 3 and out["desirable"]["grad_weight"] == pytest.approx((0.1 + 0.3 + 0.4) / 3)
+    assert out["desirable"]["weight_share"] == pytest.approx((0.4 + 1.0 + 0.2) / 3)
     assert out["desirable"]["z_q50"] == 0.5 and out["flipped"]["saturated"] == 0.5
+    # the flipped example at z = 10 is saturated on the wrong side, none on the right
+    assert out["flipped"]["saturated_wrong"] == 0.5 and out["flipped"]["saturated_right"] == 0.0
     # numpy's default (linear) quantile of (-3, 0.5, 2) at 10%: -3 + 0.2 * 3.5
     assert out["desirable"]["z_q10"] == pytest.approx(-2.3)
+
+
+@pytest.mark.parametrize("value", ["sigmoid", "logsigmoid", "linear"])
+def test_each_value_function_and_its_gradient_by_hand(value):
+    """u = beta (r - z_ref) signed by the label; loss and d loss / d log pi per value function, by hand."""
+    beta, lambda_d, lambda_u, z_ref = 0.5, 2.0, 1.0, 1.5
+    policy = torch.tensor(POLICY, dtype=torch.float64, requires_grad=True)
+    loss, stats = kto.kto_loss(policy, torch.tensor(REFERENCE, dtype=torch.float64), *kl_pairs_with_mean(z_ref),
+                               torch.tensor(DESIRABLE), beta, lambda_d, lambda_u, value)
+    loss.backward()
+    expected_loss, expected_grad, shares, right = 0.0, [], [], []
+    for p, r_, d in zip(POLICY, REFERENCE, DESIRABLE):
+        u = beta * ((p - r_) - z_ref) * (1 if d else -1)
+        lam, sign = (lambda_d, -1) if d else (lambda_u, 1)
+        if value == "sigmoid":
+            ell, du, peak = 1 - sigmoid(u), -sigmoid(u) * (1 - sigmoid(u)), beta / 4
+        elif value == "logsigmoid":
+            ell, du, peak = -math.log(sigmoid(u)), -(1 - sigmoid(u)), beta
+        else:
+            ell, du, peak = 1 - (0.5 + u / 4), -0.25, beta / 4
+        expected_loss += lam * ell / len(POLICY)
+        weight = -lam * du * beta  # |d loss_i / d log pi| = lambda beta |d ell / du|
+        expected_grad.append(sign * weight / len(POLICY))
+        shares.append(weight / (lam * peak))
+        right.append(u > 0)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    assert policy.grad.tolist() == pytest.approx(expected_grad, rel=1e-10)
+    assert stats["share"].tolist() == pytest.approx(shares, rel=1e-10)
+    assert stats["right"].tolist() == right == [False, False, True, True, True]
+    saturated = [s < 0.1 for s in shares]
+    assert stats["saturated"].tolist() == saturated
+    assert stats["n_saturated_right"].item() == sum(s and r for s, r in zip(saturated, right))
+    assert stats["n_saturated_wrong"].item() == sum(s and not r for s, r in zip(saturated, right))
+    # example 4 (undesirable, reward -18 far below z_ref: the right side) saturates but under the linear value
+    assert saturated[3] == (value != "linear") and (value != "linear" or not any(saturated))
+
+
+def test_saturation_by_side_on_hand_made_z():
+    """A desirable example far above z_ref saturates on the right side, far below on the wrong one; the same
+    for an undesirable one mirrored. z_ref = 0; log-ratios of +-40 nats at beta 0.5 give |z| = 20."""
+    zero = torch.zeros(4, dtype=torch.float64)
+    logratio = torch.tensor([40.0, -40.0, -40.0, 40.0], dtype=torch.float64)
+    desirable = torch.tensor([True, True, False, False])
+    _, stats = kto.kto_loss(logratio, zero, zero, zero, desirable, beta=0.5)
+    assert stats["saturated"].tolist() == [True] * 4
+    assert stats["right"].tolist() == [True, False, True, False]
+    assert stats["n_saturated_right"].item() == 2 and stats["n_saturated_wrong"].item() == 2
+    _, stats = kto.kto_loss(logratio, zero, zero, zero, desirable, beta=0.5, value="logsigmoid")
+    assert stats["saturated"].tolist() == [True, False, True, False]  # only the right side, like DPO
+    _, stats = kto.dpo_loss(logratio[:2], torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                            torch.zeros(2, dtype=torch.float64), beta=0.5)
+    assert stats["saturated"].tolist() == [True, False] and stats["right"].tolist() == [True, False]

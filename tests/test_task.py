@@ -1,4 +1,4 @@
-"""The built-in task and its judge."""
+"""The built-in tasks and their judge."""
 import pytest
 
 import task
@@ -11,8 +11,8 @@ def test_judge_and_task():
     with pytest.raises(ValueError):
         task.judge("What is 3+5?", " 8")
 
-    examples, heldout, dev = task.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
-    again, _, _ = task.arithmetic_task(seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
+    examples, heldout, dev = task.make_task("arithmetic", seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
+    again, _, _ = task.make_task("arithmetic", seed=3, p_correct=0.3, heldout_fraction=0.2, max_operand=9)
     assert dev == []
     assert examples == again
     train_prompts = {e.prompt for e in examples}
@@ -27,7 +27,7 @@ def test_judge_and_task():
 
 
 def test_task_with_several_answers_gives_correct_and_wrong_pairs():
-    pairs, heldout, _ = task.arithmetic_task(seed=3, demos=4)
+    pairs, heldout, _ = task.make_task("arithmetic", seed=3, demos=4)
     assert 0.75 * 1800 < len(pairs) < 0.95 * 1800  # 1 - 0.4^4 - 0.6^4 = 0.845 of the prompts have both kinds
     for p in pairs:
         words = p.prompt.split()
@@ -37,9 +37,67 @@ def test_task_with_several_answers_gives_correct_and_wrong_pairs():
 
 
 def test_the_dev_split_is_disjoint_from_training_and_test_and_leaves_the_test_prompts_alone():
-    examples, heldout, dev = task.arithmetic_task(seed=5, heldout_fraction=0.1, dev_fraction=0.15)
-    _, heldout_without_dev, _ = task.arithmetic_task(seed=5, heldout_fraction=0.1)
+    examples, heldout, dev = task.make_task("arithmetic", seed=5, heldout_fraction=0.1, dev_fraction=0.15)
+    _, heldout_without_dev, _ = task.make_task("arithmetic", seed=5, heldout_fraction=0.1)
     train_prompts = {e.prompt for e in examples}
     assert len(heldout) == 200 and len(dev) == 300 and len(train_prompts) == 1500  # of 10 * 8 * 5 * 5 prompts
     assert not train_prompts & set(dev) and not set(dev) & set(heldout) and not train_prompts & set(heldout)
     assert heldout == heldout_without_dev  # a dev split never changes what the final tables are scored on
+
+
+def test_lists_judge_gives_full_partial_and_no_credit():
+    prompt = "Q: Ann wants 3 odd numbers. A:"
+    assert task.judge(prompt, " 13 7 101") == 1.0
+    assert task.judge(prompt, "13,7 , 101 ") == 1.0  # spaces or commas part the numbers
+    assert task.judge(prompt, " 13 58 101") == pytest.approx(2 / 3)  # one even number
+    assert task.judge(prompt, " 13 13 101") == pytest.approx(2 / 3)  # a repeat counts once
+    assert task.judge(prompt, " 13 7") == pytest.approx(2 / 3)  # one too few
+    assert task.judge(prompt, " 13 7 101 5") == pytest.approx(3 / 4)  # one too many
+    assert task.judge(prompt, " 13 seven 101") == pytest.approx(2 / 3)  # not a number
+    assert task.judge(prompt, " 2 4 6") == 0.0 and task.judge(prompt, "") == 0.0 and task.judge(prompt, " 07 -3") == 0.0
+    assert task.judge("Q: Bob wants 2 numbers above 100. A:", " 150 99") == 0.5
+    assert task.judge("Q: Bob wants 2 numbers below 100. A:", " 100 99") == 0.5
+
+
+def test_lists_task_has_long_completions_labelled_by_score():
+    import data
+    examples, heldout, dev = task.make_task("lists", seed=3, p_correct=0.4, heldout_fraction=0.1, dev_fraction=0.1)
+    assert len(task.task_prompts("lists")) == 440 and len(heldout) == len(dev) == 44 and len(examples) == 352
+    enc = data.get_tokenizer()
+    lengths = [len(enc.encode_ordinary(e.completion)) for e in examples]
+    assert min(lengths) == 8 and max(lengths) == 19  # 8 to 18 numbers (and one too many), a token each
+    too_many = 0
+    for e in examples:  # scores and labels recomputed here from the prompt's words, not by the judge
+        count, rule = int(e.prompt.split()[3]), " ".join(e.prompt.split()[4:-1]).rstrip(".")
+        numbers = [int(n) for n in e.completion.split()]
+        keep = {"even numbers": lambda n: n % 2 == 0, "odd numbers": lambda n: n % 2,
+                "numbers above 100": lambda n: n > 100, "numbers below 100": lambda n: n < 100}[rule]
+        assert len(set(numbers)) == len(numbers) and all(1 <= n <= 199 for n in numbers)
+        assert len(numbers) in (count, count + 1)
+        too_many += len(numbers) == count + 1
+        assert e.desirable == (sum(map(bool, map(keep, numbers))) / len(numbers) >= 0.5)
+    assert 0.1 < too_many / len(examples) < 0.25  # one too many 1 time in 6
+    assert 0.3 < sum(e.desirable for e in examples) / len(examples) < 0.5  # the rule kept 40% of the time
+    pairs, _, _ = task.make_task("lists", seed=3, demos=4)
+    assert all(task.judge(p.prompt, p.chosen) >= 0.5 > task.judge(p.prompt, p.rejected) for p in pairs)
+
+
+def test_the_reward_is_bounded_by_the_references_surprise_on_a_real_model():
+    """r = log pi_theta(y|x) - log pi_ref(y|x) <= -log pi_ref(y|x), since log pi_theta <= 0: checked on GPT models,
+    the policy a perturbed copy of the reference, for lists completions (whose -log pi_ref is far above 36.4)."""
+    import torch
+    import data
+    import kto
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    policy.load_state_dict({k: v + 0.5 * torch.randn_like(v) for k, v in reference.state_dict().items()})
+    examples, _, _ = task.make_task("lists", seed=1, demos=1)
+    units, _, _ = data.tokenize(examples[:16], 64)
+    batch = data.shard(data.make_batch(units, 64, with_kl=False), 0, 1)
+    with torch.no_grad():
+        logps = [kto.sequence_logps(m(batch["idx"], batch["targets"], batch["scored"], batch["positions"]), batch["scored"])
+                 for m in (policy, reference)]
+    r = kto.implied_reward(*logps)
+    assert (logps[0] < 0).all() and (r <= -logps[1]).all() and (-logps[1] > 36.4).all()

@@ -298,7 +298,7 @@ def test_command_line_edges_give_one_line(tmp_path):
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text(json.dumps({"prompt": "a", "completion": " b", "label": True}) + "\n")
     for args, expected in [(["--out_dir="], "error: out_dir='': expected a directory path"),
-                           (["--data="], "error: data='': expected 'arithmetic' or the path of a .jsonl"),
+                           (["--data="], "error: data='': expected 'arithmetic', 'lists' or the path of a .jsonl"),
                            (["--init_from="], "error: init_from='': expected 'sft', 'scratch' or a checkpoint path"),
                            ([f"--init_from={jsonl}"], f"error: {jsonl}: "),
                            ([f"--init_from={tmp_path / 'nothing.pt'}"], f"error: {tmp_path / 'nothing.pt'}: not a checkpoint")]:
