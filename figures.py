@@ -121,8 +121,9 @@ def value(directory: str, numbers: dict, run: dict | None = None) -> None:
     window(a)
     a.plot(z, sig["desirable"]["value"], color=COLORS["desirable"], label="desirable: sigmoid(z)")
     a.plot(z, sig["undesirable"]["value"], color=COLORS["undesirable"], ls="--", label="undesirable: sigmoid(-z)")
-    for x, text in ((-7, "desirable:\nwrong side\n(saturated)"), (0, "learning\n|z| < %.2f\n\n\n\n" % edge), (7, "desirable:\nalready right\n(saturated)")):
-        a.text(x, 0.5, text, ha="center", va="center", fontsize=FONT_PT)
+    for x, y, text in ((-7, 0.5, "desirable:\nwrong side\n(saturated)"), (0, 0.93, f"learning: |z| < {edge:.2f}"),
+                       (7, 0.5, "desirable:\nalready right\n(saturated)")):
+        a.text(x, y, text, ha="center", va="center", fontsize=FONT_PT, backgroundcolor="white")
     a.set(xlabel="z = beta (r - z_ref)", ylabel="value v", title="KTO's value (eq. 7) is flat at both ends")
     a.legend(loc="lower right")
 

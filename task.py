@@ -4,10 +4,12 @@
 who is right with probability p_correct and otherwise usually one too many. Completions are two tokens
 (a number and EOT): the reference finds them likely, so the reward r <= -log pi_ref(y|x) has little room.
 
-"lists": "Q: Ann wants 8 odd numbers. A:" answered " 13 58 101 7 95 31 64 3" (8 to 18 numbers from 1 to 199,
-a token each, then EOT). The demonstrator keeps the rule with probability p_correct, else follows its habitual
-confusion, the opposite rule; a number in ten slips, and one number too many now and then. Many completions are right, so each is unlikely (-log pi_ref(y|x) runs to tens of nats, about 5 a
-number): room for the reward on both sides of z_ref. The judge gives partial credit.
+"lists": "Q: Ann wants 8 different numbers for her cards. A:" answered " 97 13 150 2 66 41 180 31" (8 to 18
+numbers from 1 to 199, a token each, then EOT). The demonstrator keeps the rule with probability p_correct;
+else it follows its habit and writes one number over and over. A number in ten slips to the other kind,
+and one number too many comes now and then. Right answers are many, so each is unlikely (-log pi_ref(y|x)
+runs to tens of nats, about 5 a number): room for the reward on both sides of z_ref. The judge gives
+partial credit.
 
 Both: the judge's score is in [0, 1]; a completion is desirable when it scores at least 1/2. The
 utility (the judge's mean score on held-out prompts) is what alignment should raise; with p_correct
@@ -23,12 +25,10 @@ from model import GPT
 
 TASKS = ("arithmetic", "lists")
 NAMES = ["Ann", "Bob", "Eve", "Tom", "Sam", "Max", "Kim", "Leo", "Mia", "Zoe"]
+SHE = ("Ann", "Eve", "Kim", "Mia", "Zoe")
 ITEMS = ["apples", "cats", "books", "coins", "eggs", "pens", "cards", "shells"]
 PROBLEM = re.compile(r"Q: \w+ had (\d+) \w+, got (\d+) more\. Total\? A:$")
-# the lists task's rules, as its prompts word them, and the numbers its demonstrator draws from
-RULES = {"even numbers": lambda n: n % 2 == 0, "odd numbers": lambda n: n % 2 == 1,
-         "numbers above 100": lambda n: n > 100, "numbers below 100": lambda n: n < 100}
-LIST = re.compile(r"Q: \w+ wants (\d+) (" + "|".join(RULES) + r")\. A:$")
+LIST = re.compile(r"Q: \w+ wants (\d+) different numbers for \w+ \w+\. A:$")
 NUMBERS, COUNTS = range(1, 200), range(8, 19)  # " 1" to " 199" are one GPT-2 token each
 DESIRABLE_SCORE = 0.5  # a completion scoring at least this is labelled desirable
 
@@ -36,27 +36,27 @@ DESIRABLE_SCORE = 0.5  # a completion scoring at least this is labelled desirabl
 def judge(prompt: str, completion: str) -> float:
     """The score of a completion for a prompt of either task, in [0, 1].
 
-    arithmetic: 1 for the correct total, else 0. lists: the numbers that keep the rule, each counted
-    once and at most the count asked for, over that count or the count written, whichever is larger
-    (one too many costs about as much as one wrong): " 13 58 101" for 3 odd numbers scores 2/3. Numbers
-    may be parted by spaces or commas."""
+    arithmetic: 1 for the correct total, else 0. lists: the different numbers, at most the count asked
+    for, over that count or the count written, whichever is larger (one too many costs about as much as
+    one repeat): " 13 58 13" for 3 different numbers scores 2/3. Numbers may be parted by spaces or commas."""
     if match := PROBLEM.search(prompt):
         return float(completion.strip() == str(int(match[1]) + int(match[2])))
     if match := LIST.search(prompt):
-        count, rule = int(match[1]), RULES[match[2]]
+        count = int(match[1])
         items = [item for item in re.split(r"[\s,]+", completion) if item]
-        kept = {int(item) for item in items if re.fullmatch(r"[1-9]\d*", item) and rule(int(item))}
+        kept = {int(item) for item in items if re.fullmatch(r"[1-9]\d*", item)}
         return min(len(kept), count) / max(count, len(items))
     raise ValueError(f"not a prompt of a built-in task: {prompt!r}")
 
 
 def task_prompts(name: str, max_operand: int = 4) -> list[str]:
     """Every prompt of a built-in task: arithmetic, each name, item and pair of operands from 0 to
-    max_operand once; lists, each name, count and rule once (440)."""
+    max_operand once; lists, each name, count and item once (880)."""
     if name == "arithmetic":
         return [f"Q: {who} had {a} {item}, got {b} more. Total? A:"
                 for who in NAMES for item in ITEMS for a in range(max_operand + 1) for b in range(max_operand + 1)]
-    return [f"Q: {who} wants {count} {rule}. A:" for who in NAMES for count in COUNTS for rule in RULES]
+    return [f"Q: {who} wants {count} different numbers for {'her' if who in SHE else 'his'} {item}. A:"
+            for who in NAMES for count in COUNTS for item in ITEMS]
 
 
 def demonstrate(total: int, p_correct: float, rng: random.Random) -> int:
@@ -67,20 +67,14 @@ def demonstrate(total: int, p_correct: float, rng: random.Random) -> int:
     return total + (1 if rng.random() < 5 / 6 else rng.choice([d for d in (-1, 2) if total + d >= 0]))
 
 
-def demonstrate_list(count: int, rule: str, p_correct: float, rng: random.Random) -> list[int]:
-    """The lists demonstrator's distinct numbers: with probability p_correct it keeps the rule, else its habitual
-    confusion, the opposite rule (odd for even, below for above); one number in ten slips to the other side
-    (odd and even: one more; above and below 100: 200 - n), and one too many 1 time in 6."""
-    keep = [n for n in NUMBERS if RULES[rule](n) == (rng.random() < p_correct)]
-    out = []
+def demonstrate_list(count: int, p_correct: float, rng: random.Random) -> list[int]:
+    """The lists demonstrator's numbers: with probability p_correct different ones, else its habit, one number
+    over and over; each number slips to the other kind 1 time in 10 (a repeat of the last, a new one), and
+    one number too many comes 1 time in 6."""
+    keeps, out = rng.random() < p_correct, []
     for _ in range(count + (rng.random() < 1 / 6)):
-        while True:
-            n = rng.choice(keep)
-            if rng.random() < 0.1:
-                n = 200 - n if "100" in rule else n + 1 if n < NUMBERS[-1] else n - 1
-            if n not in out:
-                break
-        out.append(n)
+        new = keeps != (rng.random() < 0.1)
+        out.append(rng.choice([n for n in NUMBERS if n not in out]) if new or not out else out[-1])
     return out
 
 
@@ -106,8 +100,8 @@ def make_task(name: str, seed: int, p_correct: float = 0.4, heldout_fraction: fl
             a, b = map(int, PROBLEM.search(prompt).groups())
             completions = [f" {demonstrate(a + b, p_correct, rng)}" for _ in range(demos)]
         else:
-            count, rule = LIST.search(prompt).groups()
-            completions = ["".join(f" {n}" for n in demonstrate_list(int(count), rule, p_correct, rng)) for _ in range(demos)]
+            count = int(LIST.search(prompt)[1])
+            completions = ["".join(f" {n}" for n in demonstrate_list(count, p_correct, rng)) for _ in range(demos)]
         desirable = [judge(prompt, c) >= DESIRABLE_SCORE for c in completions]
         where = f"{name} task prompt {i}"
         if demos == 1:

@@ -46,38 +46,36 @@ def test_the_dev_split_is_disjoint_from_training_and_test_and_leaves_the_test_pr
 
 
 def test_lists_judge_gives_full_partial_and_no_credit():
-    prompt = "Q: Ann wants 3 odd numbers. A:"
+    prompt = "Q: Ann wants 3 different numbers for her cards. A:"
     assert task.judge(prompt, " 13 7 101") == 1.0
     assert task.judge(prompt, "13,7 , 101 ") == 1.0  # spaces or commas part the numbers
-    assert task.judge(prompt, " 13 58 101") == pytest.approx(2 / 3)  # one even number
     assert task.judge(prompt, " 13 13 101") == pytest.approx(2 / 3)  # a repeat counts once
     assert task.judge(prompt, " 13 7") == pytest.approx(2 / 3)  # one too few
     assert task.judge(prompt, " 13 7 101 5") == pytest.approx(3 / 4)  # one too many
     assert task.judge(prompt, " 13 seven 101") == pytest.approx(2 / 3)  # not a number
-    assert task.judge(prompt, " 2 4 6") == 0.0 and task.judge(prompt, "") == 0.0 and task.judge(prompt, " 07 -3") == 0.0
-    assert task.judge("Q: Bob wants 2 numbers above 100. A:", " 150 99") == 0.5
-    assert task.judge("Q: Bob wants 2 numbers below 100. A:", " 100 99") == 0.5
+    assert task.judge(prompt, " 9 9 9") == pytest.approx(1 / 3)
+    assert task.judge(prompt, "") == 0.0 and task.judge(prompt, " 07 -3 x") == 0.0
 
 
 def test_lists_task_has_long_completions_labelled_by_score():
     import data
     examples, heldout, dev = task.make_task("lists", seed=3, p_correct=0.4, heldout_fraction=0.1, dev_fraction=0.1)
-    assert len(task.task_prompts("lists")) == 440 and len(heldout) == len(dev) == 44 and len(examples) == 352
+    prompts = task.task_prompts("lists")
+    assert len(prompts) == len(set(prompts)) == 880 and len(heldout) == len(dev) == 88 and len(examples) == 704
     enc = data.get_tokenizer()
     lengths = [len(enc.encode_ordinary(e.completion)) for e in examples]
     assert min(lengths) == 8 and max(lengths) == 19  # 8 to 18 numbers (and one too many), a token each
-    too_many = 0
+    too_many, habit = 0, 0
     for e in examples:  # scores and labels recomputed here from the prompt's words, not by the judge
-        count, rule = int(e.prompt.split()[3]), " ".join(e.prompt.split()[4:-1]).rstrip(".")
+        count = int(e.prompt.split()[3])
         numbers = [int(n) for n in e.completion.split()]
-        keep = {"even numbers": lambda n: n % 2 == 0, "odd numbers": lambda n: n % 2,
-                "numbers above 100": lambda n: n > 100, "numbers below 100": lambda n: n < 100}[rule]
-        assert len(set(numbers)) == len(numbers) and all(1 <= n <= 199 for n in numbers)
-        assert len(numbers) in (count, count + 1)
+        assert all(1 <= n <= 199 for n in numbers) and len(numbers) in (count, count + 1)
         too_many += len(numbers) == count + 1
-        assert e.desirable == (sum(map(bool, map(keep, numbers))) / len(numbers) >= 0.5)
+        habit += len(set(numbers)) < len(numbers) / 2
+        assert e.desirable == (min(len(set(numbers)), count) / len(numbers) >= 0.5)
     assert 0.1 < too_many / len(examples) < 0.25  # one too many 1 time in 6
-    assert 0.3 < sum(e.desirable for e in examples) / len(examples) < 0.5  # the rule kept 40% of the time
+    assert 0.5 < habit / len(examples) < 0.7  # the habit, 60% of the time
+    assert 0.3 < sum(e.desirable for e in examples) / len(examples) < 0.5
     pairs, _, _ = task.make_task("lists", seed=3, demos=4)
     assert all(task.judge(p.prompt, p.chosen) >= 0.5 > task.judge(p.prompt, p.rejected) for p in pairs)
 
