@@ -141,8 +141,9 @@ def value(directory: str, numbers: dict, run: dict | None = None) -> None:
         w = run["weights"][last]
         twin = b.twinx()
         for group in ("desirable", "undesirable"):
-            twin.hist([x for x, g in zip(w["z"], w["group"]) if g == group], bins=60, range=(z.min(), z.max()),
-                      color=COLORS[group], alpha=0.3, label=f"{group} examples, iteration {last}")
+            # beyond the axis, in the edge bins
+            twin.hist(np.clip([x for x, g in zip(w["z"], w["group"]) if g == group], z.min(), z.max()), bins=60,
+                      range=(z.min(), z.max()), color=COLORS[group], alpha=0.3, label=f"{group} examples, iteration {last}")
         twin.set_ylabel("training examples")
         twin.legend(loc="center right")
 
