@@ -65,18 +65,19 @@ def test_value_lesson_draws_prop_4_1_at_the_beta_it_is_given(tmp_path, beta):
 
 
 def test_figures_are_projector_sized(tmp_path, monkeypatch):
-    """Every figure the value and a training lesson draw: 1280 px wide, no text below 12 pt."""
+    """The value lesson's figure and a comparison's (on numbers made here): 1280 px wide, no text below 12 pt."""
     import experiments
     import figures
     fonts = []
     saved = figures.save
     monkeypatch.setattr(figures, "save", lambda d, name, fig: fonts.append(figures.smallest_font(fig)) or saved(d, name, fig))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for args in (["value"], ["contradict", "--seeds=1"] + TINY):
-        monkeypatch.setattr(sys, "argv", ["experiments.py"] + args + [f"--out_dir={tmp_path}"])
-        experiments.main()
+    monkeypatch.setattr(sys, "argv", ["experiments.py", "value", f"--out_dir={tmp_path}"])
+    experiments.main()
+    numbers = {name: {"sampled": [0.4, 0.5, 0.45], "greedy": [0.3, 0.35, 0.4]}
+               for name in ("SFT", "SFT+DPO", "SFT+KTO", "SFT+KTO [tuned]")}
+    figures.compare(str(tmp_path), "compare", numbers)
     assert len(fonts) == 2 and min(fonts) >= 12
-    assert png_size(tmp_path / "contradict" / "contradict.png")[0] == 1280
+    assert png_size(tmp_path / "compare.png")[0] == png_size(tmp_path / "value" / "value.png")[0] == 1280
 
 
 def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
