@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+import data
 import kto
 import task
 
@@ -32,6 +33,11 @@ class TrainConfig:
     label_noise: float = 0.0  # fraction of labels flipped (pairs: chosen and rejected swapped)
     one_y_per_x: bool = False  # keep one completion per prompt
     desirable_fraction: float = 1.0  # keep this fraction of the desirable examples (the paper's 1:10 run: 0.1)
+    # score-based feedback (data.rate): a score per completion, labelled by a threshold; applied before the settings above
+    score_field: str = "score"  # a file's unpaired scored rows: the field holding the score (HelpSteer: "helpfulness")
+    score_threshold: float | str | None = None  # a number, "median" or "mean" of the scores: at least it is desirable; none: labels (a scored file needs one; the built-in tasks then use their judge's labels)
+    score_noise: float = 0.0  # a noisy rater: standard deviation of Gaussian noise on each score before the threshold
+    score_weight: str = "none"  # "none" (labels only) or "margin": each KTO example's eq. (7) term times |score - threshold|, mean 1 per class
     # model (ignored when starting from a checkpoint, which carries its own shape; dropout as set here)
     n_layer: int = 2
     n_head: int = 4
@@ -105,6 +111,12 @@ def parse_config(args: list[str]) -> TrainConfig:
                 setattr(cfg, key, None)
                 return
             kind = float
+            if str in fields[key].__args__ and isinstance(value, str):  # float | str | None: a word, or a number
+                try:
+                    value = float(value)
+                except ValueError:
+                    setattr(cfg, key, value)
+                    return
         if isinstance(value, str) and kind is not str:  # from the command line
             words = {"true": True, "false": False} if kind is bool else {}
             try:
@@ -175,6 +187,14 @@ def check_config(cfg: TrainConfig) -> None:
     require(cfg.utility_interval == 0 or cfg.task_dev > 0 and cfg.data in task.TASKS, "utility_interval",
             "0 unless the built-in task keeps dev prompts (task_dev > 0)")
     require(cfg.nll_weight == 0 or cfg.loss == "dpo", "nll_weight", "0 unless loss='dpo'")
+    require(isinstance(cfg.score_threshold, float) and math.isfinite(cfg.score_threshold) or cfg.score_threshold is None
+            or cfg.score_threshold in data.THRESHOLDS, "score_threshold", "a finite number, 'median', 'mean' or none")
+    require(0 <= cfg.score_noise < math.inf, "score_noise", "a non-negative finite number")
+    require(cfg.score_noise == 0 or cfg.score_threshold is not None, "score_noise", "0 unless score_threshold is set")
+    require(cfg.score_weight in ("none", "margin"), "score_weight", "'none' or 'margin'")
+    require(cfg.score_weight == "none" or cfg.loss == "kto" and cfg.score_threshold is not None, "score_weight",
+            "'none' unless loss='kto' and score_threshold is set")
+    require(bool(cfg.score_field), "score_field", "a field name")
     require(cfg.value in kto.VALUES, "value", f"one of {', '.join(kto.VALUES)}")
     require(cfg.value == "sigmoid" or cfg.loss == "kto", "value", "'sigmoid' unless loss='kto'")
     require(cfg.n_embd % cfg.n_head == 0, "n_embd", f"a multiple of n_head={cfg.n_head}")

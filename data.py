@@ -1,11 +1,13 @@
 """Tokenization, datasets, the paper's data settings, batching and the in-batch KL pairs.
 
 An example is (prompt, completion, label), label True for desirable and False for undesirable. KTO
-needs no pairs; a preference pair (x, y_w, y_l) is simply two examples. DPO needs the pairs.
+needs no pairs; a preference pair (x, y_w, y_l) is simply two examples. DPO needs the pairs. Score-based
+feedback (a rating per completion) becomes labels, or DPO's pairs, by a threshold (`rate`).
 """
 import collections
 import functools
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -42,8 +44,9 @@ def get_tokenizer() -> tiktoken.Encoding:
 class Example:
     prompt: str
     completion: str
-    desirable: bool
+    desirable: bool | None  # None: a scored example, labelled later by its score (`rate`)
     where: str  # "file.jsonl:7", for error messages
+    score: float | None = None
 
 
 @dataclass
@@ -52,6 +55,8 @@ class Pair:
     chosen: str
     rejected: str
     where: str
+    score_chosen: float | None = None  # both or neither
+    score_rejected: float | None = None
 
 
 # Examples a data setting changed are followed apart from the rest in the logs: "flipped" by label_noise,
@@ -62,8 +67,10 @@ TAGS = ("clean", "flipped", "contradicted")
 class Tokens(NamedTuple):
     prompt: list[int]
     completion: list[int]  # ends with EOT
-    desirable: bool
+    desirable: bool | None
     tag: str = "clean"
+    score: float | None = None
+    weight: float = 1.0  # its factor on eq. (7): 1, or its margin weight (`margin_weights`)
 
 
 class PairTokens(NamedTuple):
@@ -71,6 +78,8 @@ class PairTokens(NamedTuple):
     chosen: list[int]  # ends with EOT
     rejected: list[int]  # ends with EOT
     tag: str = "clean"
+    score_chosen: float | None = None
+    score_rejected: float | None = None
 
 
 def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool = False
@@ -96,9 +105,10 @@ def tokenize(units: list[Example] | list[Pair], block_size: int, progress: bool 
                 continue
             cut += len(ids["prompt"][i]) + longest > block_size + 1  # a sequence of block_size + 1 fits (see collate)
             if paired:
-                out.append(PairTokens(ids["prompt"][i], *completions))
+                out.append(PairTokens(ids["prompt"][i], *completions, score_chosen=u.score_chosen,
+                                      score_rejected=u.score_rejected))
             else:
-                out.append(Tokens(ids["prompt"][i], completions[0], u.desirable))
+                out.append(Tokens(ids["prompt"][i], completions[0], u.desirable, score=u.score))
     bar.close()
     return out, dropped, cut
 
@@ -178,6 +188,79 @@ def keep_desirable(examples: list[Tokens], fraction: float, seed: int) -> list[T
     desirable = [i for i, ex in enumerate(examples) if ex.desirable]
     keep = {desirable[i] for i in _picked(len(desirable), fraction, _rng(seed, "desirable_fraction"))}
     return [ex for i, ex in enumerate(examples) if not ex.desirable or i in keep]
+
+
+# ----------------------------------------------------------------------------- score-based feedback
+# A rating per completion (stars, UltraFeedback's 1-10, the built-in tasks' judge) in place of a label: the
+# "score-based HALOs" the paper leaves to future work. A threshold turns scores into labels; margin weights
+# keep some of the magnitude that labels throw away.
+
+THRESHOLDS = ("median", "mean")  # of the data's scores; or a number
+
+
+def is_scored(units: Units) -> bool:
+    """Whether the units carry scores (a file's rows all do, or none: dataset.read_jsonl)."""
+    return (units[0].score_chosen if isinstance(units[0], PairTokens) else units[0].score) is not None
+
+
+def rate(units: Units, threshold: float | str, noise: float, seed: int, dpo: bool) -> tuple[Units, float, list[str]]:
+    """Scored examples (or pairs) to labelled examples, or to DPO's pairs ordered by score.
+
+    A noisy rater first (score_noise): seeded Gaussian noise of standard deviation `noise` on every score.
+    The threshold is a number, or the median or mean of the (noisy) scores. An example scoring at least the
+    threshold is desirable (the built-in tasks' rule), below it undesirable; the report counts those exactly
+    at it. Pairs, for DPO: ordered by score, the higher chosen; a tie carries no preference and is dropped
+    (counted). Pairs otherwise: each completion becomes an example labelled by its own score. An example
+    whose label (a pair whose order) the noise-free score would not give is tagged "flipped".
+    Returns the units, keeping their noisy scores, the threshold and the report's lines."""
+    rng = _rng(seed, "score_noise")
+    rater = (lambda s: s + rng.gauss(0.0, noise)) if noise else (lambda s: s)
+    paired = isinstance(units[0], PairTokens)
+    rated = [(u, rater(u.score_chosen), rater(u.score_rejected)) if paired else (u, rater(u.score)) for u in units]
+    scores = np.array([s for r in rated for s in r[1:]])
+    t = float(np.median(scores) if threshold == "median" else np.mean(scores) if threshold == "mean" else threshold)
+    how = "as set" if threshold not in THRESHOLDS else f"the {threshold} of the scores" + (" after the noise" if noise else "")
+    report = [f"score_threshold={threshold}: threshold {t:.4g} ({how}); of {len(scores)} scores {(scores > t).sum()} above, "
+              f"{(scores == t).sum()} at it (desirable: at least the threshold), {(scores < t).sum()} below"]
+    out, ties, swapped = [], 0, 0
+    for u, *noisy in rated:
+        clean = [u.score_chosen, u.score_rejected] if paired else [u.score]
+        if paired and dpo:
+            a, b = noisy
+            if a == b:
+                ties += 1
+                continue
+            swapped += a < b
+            flipped = u.score_chosen == u.score_rejected or (a > b) != (u.score_chosen > u.score_rejected)
+            hi, lo = (u.chosen, u.rejected) if a > b else (u.rejected, u.chosen)
+            out.append(PairTokens(u.prompt, hi, lo, "flipped" if flipped else u.tag, max(a, b), min(a, b)))
+            continue
+        completions = [u.chosen, u.rejected] if paired else [u.completion]
+        for completion, s, c in zip(completions, noisy, clean):
+            out.append(Tokens(u.prompt, completion, s >= t, "flipped" if (s >= t) != (c >= t) else u.tag, s))
+    if paired and dpo:
+        report.append(f"DPO: {len(out)} pairs ordered by score ({swapped} with the rejected completion scored higher, "
+                      f"swapped); {ties} ties dropped (no preference)")
+    if noise:
+        flipped = sum(u.tag == "flipped" for u in out)
+        report.append(f"score_noise={noise}: {flipped} {'orders' if paired and dpo else 'labels'} differ from those of "
+                      f"the noise-free scores (tagged flipped)")
+    return out, t, report
+
+
+def margin_weights(examples: list[Tokens], threshold: float) -> list[Tokens]:
+    """score_weight=margin: each example's factor on eq. (7), |score - threshold| over the mean of its class's,
+    so that each class's mean weight is 1 and lambda_D n_D / (lambda_U n_U) keeps its meaning. An example the
+    rater scored far from the threshold counts for more; one at the threshold, for nothing."""
+    margins = [abs(ex.score - threshold) for ex in examples]
+    means = {}
+    for label in (True, False):
+        mine = [m for m, ex in zip(margins, examples) if ex.desirable == label]
+        if mine and not any(mine):
+            raise DataError(f"every {'desirable' if label else 'undesirable'} example scores exactly the threshold "
+                            f"{threshold:g}: its margin weights would all be 0; expected score_weight=none or another threshold")
+        means[label] = sum(mine) / len(mine) if mine else 1.0
+    return [ex._replace(weight=m / means[ex.desirable]) for m, ex in zip(margins, examples)]
 
 
 def split_by_prompt(units: Units, fraction: float, seed: int) -> tuple[Units, Units]:
@@ -297,7 +380,8 @@ def make_batch(units: list[Tokens] | list[PairTokens], block_size: int, with_kl:
     if isinstance(units[0], PairTokens):
         return {"idx": idx, "targets": targets, "scored": scored, "tag": tags.repeat_interleave(2)}
     batch = {"idx": idx, "targets": targets, "scored": scored, "tag": tags,
-             "desirable": torch.tensor([ex.desirable for ex in units])}
+             "desirable": torch.tensor([bool(ex.desirable) for ex in units]),  # None: unrated, for SFT, which reads no label
+             "weight": torch.tensor([ex.weight for ex in units], dtype=torch.float32)}
     if with_kl:
         batch["kl_idx"], batch["kl_targets"], batch["kl_scored"] = collate(kl_pairs(units), block_size)
     return batch

@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -20,7 +21,10 @@ from data import DataError, Example, Pair, PairTokens, Tokens
 
 # A .jsonl file, gzipped or not, one JSON object per line, in any of these shapes, recognised row by row:
 #   unpaired        {"prompt": str, "completion": str, "label": bool}
-#   paired          {"prompt": str, "chosen": str, "rejected": str}
+#   scored          {"prompt": str, "completion": str, "score": number}; "response" for "completion" and
+#                   score_field naming the score read HelpSteer's {"prompt", "response", "helpfulness", ...}
+#   paired          {"prompt": str, "chosen": str, "rejected": str}, with or without "score_chosen" and
+#                   "score_rejected" (UltraFeedback-binarized)
 #   HH-RLHF         {"chosen": str, "rejected": str}: whole transcripts "\n\nHuman: ...\n\nAssistant: ..."; the
 #                   prompt is the shared transcript up to and including the last "\n\nAssistant:"
 #   conversational  the fields above as lists of {"role", "content"} messages (TRL's shapes); chosen and
@@ -28,10 +32,12 @@ from data import DataError, Example, Pair, PairTokens, Tokens
 #                   share them (the prompt is their common start)
 # Messages are rendered as HH-RLHF writes them, "\n\nHuman: ..." (system: "System", user: "Human",
 # assistant: "Assistant"); the prompt ends with "\n\nAssistant:" and the completion is " " + the reply.
-# The first row decides between examples (unpaired) and pairs; every row must then give the same. A row with
-# chosen and rejected and no completion is paired, whatever else it holds (a "label" among its other fields).
+# The first row decides between examples (unpaired) and pairs, labelled or scored; every row must then give the
+# same. A row with chosen and rejected and no completion is paired, whatever else it holds (a "label" among its
+# other fields). A score_threshold turns scores into labels (data.rate).
 
 LABEL_EXPECTED = "a JSON boolean (true = desirable, false = undesirable)"
+SCORE_EXPECTED = "a finite JSON number"
 ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 ASSISTANT = "\n\nAssistant:"
 
@@ -80,21 +86,46 @@ def _prompt(value, where: str) -> list[dict]:
     return _messages(value, "prompt", where)
 
 
-def parse_row(obj, where: str) -> Example | Pair | str:
+def _score(obj: dict, field: str, where: str) -> float:
+    value = obj[field]
+    try:  # json reads NaN and Infinity, and integers too large for a float
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise DataError(f"{where}: field '{field}': expected {SCORE_EXPECTED}, got {json.dumps(value)[:80]}")
+    return float(value)
+
+
+def parse_row(obj, where: str, score_field: str = "score") -> Example | Pair | str:
     """One row as an Example or a Pair, or the reason it is dropped (a str); DataError if malformed."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "completion" in obj or ("label" in obj and not ("chosen" in obj and "rejected" in obj)):
-        if "label" not in obj:
-            raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}")
+    paired_fields = "chosen" in obj and "rejected" in obj
+    if "completion" in obj or "response" in obj or ("label" in obj or score_field in obj) and not paired_fields:
+        if "label" in obj and score_field in obj:
+            raise DataError(f"{where}: fields 'label' and '{score_field}' both given; expected one, a label or a score")
+        if score_field in obj:
+            label, score = None, _score(obj, score_field, where)
+        elif "label" not in obj:
+            raise DataError(f"{where}: field 'label' is missing; expected {LABEL_EXPECTED}, or a score in field '{score_field}'")
         # An identity test against True would silently treat labels written as 1 or "true" as undesirable.
-        if not isinstance(obj["label"], bool):
+        elif not isinstance(obj["label"], bool):
             raise DataError(f"{where}: field 'label': expected {LABEL_EXPECTED}, got {json.dumps(obj['label'])}")
-        if isinstance(obj.get("completion"), list) or isinstance(obj.get("prompt"), list):
+        else:
+            label, score = obj["label"], None
+        if "completion" in obj and "response" in obj:
+            raise DataError(f"{where}: fields 'completion' and 'response' both given; expected one")
+        field = "response" if "response" in obj else "completion"
+        if isinstance(obj.get(field), list) or isinstance(obj.get("prompt"), list):
             prompt = _prompt(obj.get("prompt"), where)
-            completion = _reply(_messages(obj.get("completion"), "completion", where), prompt, "completion", where)
-            return Example(render(prompt) + ASSISTANT, completion, obj["label"], where)
-        return Example(_text(obj, "prompt", where), _text(obj, "completion", where), obj["label"], where)
+            completion = _reply(_messages(obj.get(field), field, where), prompt, field, where)
+            return Example(render(prompt) + ASSISTANT, completion, label, where, score)
+        return Example(_text(obj, "prompt", where), _text(obj, field, where), label, where, score)
+    if ("score_chosen" in obj) != ("score_rejected" in obj):
+        raise DataError(f"{where}: field '{'score_rejected' if 'score_chosen' in obj else 'score_chosen'}' is missing; "
+                        f"expected both score_chosen and score_rejected ({SCORE_EXPECTED} each) or neither")
+    scores = [_score(obj, f, where) for f in ("score_chosen", "score_rejected") if f in obj] or [None, None]
     if "chosen" not in obj and "rejected" not in obj:
         raise DataError(f"{where}: expected fields prompt, completion, label (unpaired) or chosen, rejected "
                         f"(paired, with or without prompt); got {', '.join(obj) or 'none'}")
@@ -125,7 +156,14 @@ def parse_row(obj, where: str) -> Example | Pair | str:
         pair = Pair(prompt, chosen[i + len(ASSISTANT):], rejected[j + len(ASSISTANT):], where)
         if not pair.chosen.strip() or not pair.rejected.strip():
             return "an empty last reply"
+    pair.score_chosen, pair.score_rejected = scores
     return "chosen identical to rejected" if pair.chosen == pair.rejected else pair
+
+
+def shape(unit: Example | Pair) -> str:
+    """'unpaired' or 'paired', and 'scored' when it carries scores: every row of a file has the first row's."""
+    scored = (unit.score if isinstance(unit, Example) else unit.score_chosen) is not None
+    return ("scored " if scored else "") + ("unpaired" if isinstance(unit, Example) else "paired")
 
 
 def _fields(pairs: list[tuple[str, object]], where: str) -> dict:
@@ -145,7 +183,7 @@ def _fields(pairs: list[tuple[str, object]], where: str) -> dict:
     return obj
 
 
-def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Counter]:
+def read_jsonl(path: str, score_field: str = "score") -> tuple[list[Example] | list[Pair], collections.Counter]:
     """Read a .jsonl file, gzipped or not (shapes above). Returns the examples or pairs and the rows dropped,
     by reason. Blank lines are skipped; anything malformed raises DataError naming file, line and field."""
     units, dropped = [], collections.Counter()
@@ -173,12 +211,12 @@ def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Count
                     raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
                 except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting too deep
                     raise DataError(f"{where}: malformed JSON ({e})") from None
-                unit = parse_row(obj, where)
+                unit = parse_row(obj, where, score_field)
                 if isinstance(unit, str):
                     dropped[unit] += 1
                     continue
-                if units and type(unit) is not type(units[0]):
-                    first, this = ("unpaired", "paired") if isinstance(units[0], Example) else ("paired", "unpaired")
+                if units and shape(unit) != shape(units[0]):
+                    first, this = shape(units[0]), shape(unit)
                     raise DataError(f"{where}: {'an' if this == 'unpaired' else 'a'} {this} row in a file whose first row "
                                     f"({units[0].where}) is {first}; expected every row {first}")
                 units.append(unit)
@@ -190,7 +228,7 @@ def read_jsonl(path: str) -> tuple[list[Example] | list[Pair], collections.Count
     return units, dropped
 
 
-CACHE_VERSION = 2  # raise when the cache's layout or the parsing changes
+CACHE_VERSION = 3  # raise when the cache's layout or the parsing changes
 
 
 def file_sha256(path: str) -> str:
@@ -205,13 +243,14 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[Tokens] | list[PairTokens], list[str]]:
+def load_file(path: str, block_size: int, progress: bool = True, score_field: str = "score"
+              ) -> tuple[list[Tokens] | list[PairTokens], list[str]]:
     """Read and tokenize a data file, through a cache of numpy arrays beside it (nanoGPT's habit) that
     a changed file, tokenizer or block_size invalidates. Returns the units and the report of what was dropped,
     cut and repeated."""
     if os.path.exists(path) and not os.path.isfile(path):  # a pipe (--data=<(...)) could not be read twice
         raise DataError(f"{path}: not a regular file; expected a regular .jsonl or .jsonl.gz file")
-    key = f"{file_sha256(path)} {data.VOCAB_SHA256} {data.GPT2_PATTERN} {block_size} {CACHE_VERSION}"
+    key = f"{file_sha256(path)} {data.VOCAB_SHA256} {data.GPT2_PATTERN} {block_size} {score_field} {CACHE_VERSION}"
     cache = os.path.join(os.path.dirname(os.path.abspath(path)), ".kto_cache",
                          f"{os.path.basename(path)}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
     report, units = [], None
@@ -221,7 +260,7 @@ def load_file(path: str, block_size: int, progress: bool = True) -> tuple[list[T
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a cache written wrong is a miss
             report.append(f"{cache}: unreadable or inconsistent token cache; tokenized again")
     if units is None:
-        rows, dropped = read_jsonl(path)
+        rows, dropped = read_jsonl(path, score_field)
         units, too_long, cut = data.tokenize(rows, block_size, progress)
         if too_long:
             dropped[f"a completion longer than block_size={block_size} tokens with EOT"] = too_long
@@ -260,7 +299,9 @@ def _write_cache(path: str, units: list[Tokens] | list[PairTokens], dropped: col
     seqs = [s for u in units for s in (u[:3] if paired else u[:2])]
     arrays = {"tokens": np.fromiter((t for s in seqs for t in s), dtype=np.int32),
               "lengths": np.array([len(s) for s in seqs], dtype=np.int64),
-              "desirable": np.array([False if paired else u.desirable for u in units]),
+              "desirable": np.array([False if paired else bool(u.desirable) for u in units]),
+              "scores": np.array([[u.score_chosen, u.score_rejected] if paired else [u.score, None] for u in units],
+                                 dtype=np.float64),  # NaN: none
               "paired": np.array(paired), "dropped": np.array(json.dumps(dropped)), "cut": np.array(cut)}
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -276,17 +317,20 @@ def _write_cache(path: str, units: list[Tokens] | list[PairTokens], dropped: col
 def _read_cache(path: str) -> tuple[list[Tokens] | list[PairTokens], collections.Counter, int]:
     """The units, drops and cut prompts a cache holds; ValueError if its arrays disagree."""
     with np.load(path) as z:
-        paired, tokens, lengths, desirable = bool(z["paired"]), z["tokens"], z["lengths"], z["desirable"]
+        paired, tokens, lengths, desirable, scores = bool(z["paired"]), z["tokens"], z["lengths"], z["desirable"], z["scores"]
         dropped, cut = collections.Counter(json.loads(str(z["dropped"]))), int(z["cut"])
     width = 3 if paired else 2
-    if not len(desirable) or len(lengths) != width * len(desirable) or lengths.sum() != len(tokens):
+    if not len(desirable) or len(lengths) != width * len(desirable) or lengths.sum() != len(tokens) or \
+            scores.shape != (len(desirable), 2):
         raise ValueError(f"{path}: {len(lengths)} lengths summing to {lengths.sum()} for {len(desirable)} units "
                          f"of {width} sequences and {len(tokens)} tokens")
     seqs = [s.tolist() for s in np.split(tokens, np.cumsum(lengths)[:-1])]
+    scores = [[None if math.isnan(s) else float(s) for s in row] for row in scores]
     if paired:
-        units = [PairTokens(*seqs[i:i + 3]) for i in range(0, len(seqs), 3)]
+        units = [PairTokens(*seqs[i:i + 3], score_chosen=a, score_rejected=b) for i, (a, b) in zip(range(0, len(seqs), 3), scores)]
     else:
-        units = [Tokens(seqs[i], seqs[i + 1], bool(d)) for i, d in zip(range(0, len(seqs), 2), desirable)]
+        units = [Tokens(seqs[i], seqs[i + 1], None if a is not None else bool(d), score=a)
+                 for i, d, (a, _) in zip(range(0, len(seqs), 2), desirable, scores)]
     return units, dropped, cut
 
 
@@ -327,13 +371,27 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
         if not units:
             raise DataError(f"built-in task: no example fits block_size={cfg.block_size}")
     else:
-        (units, report), heldout, dev = load_file(cfg.data, cfg.block_size, progress), None, None
+        (units, report), heldout, dev = load_file(cfg.data, cfg.block_size, progress, cfg.score_field), None, None
+    source = "built-in task" if cfg.data in task.TASKS else cfg.data
+    threshold, as_read = None, units
+    if cfg.score_threshold is not None:
+        if not data.is_scored(units):
+            raise DataError(f"{source}: score_threshold={cfg.score_threshold} but the rows carry labels, not scores "
+                            f"(field '{cfg.score_field}', or score_chosen and score_rejected); expected score_threshold=none")
+        units, threshold, lines = data.rate(units, cfg.score_threshold, cfg.score_noise, cfg.seed, cfg.loss == "dpo")
+        report += lines
+        if not units:
+            raise DataError(f"{source}: every pair's scores tie; DPO needs pairs ordered by score")
+    elif cfg.data not in task.TASKS and data.is_scored(units):  # the built-in tasks keep their judge's labels
+        raise DataError(f"{source}: the rows carry scores; expected score_threshold=NUMBER, median or mean to label them")
     paired = isinstance(units[0], data.PairTokens)
     report.append(f"data: {data.describe(units)}")
     units, held = data.split_by_prompt(units, cfg.eval_fraction, cfg.seed)
     if held:
         report.append(f"eval_fraction={cfg.eval_fraction}: {data.describe(held)} held out, by prompt")
-    sft = data.split_pairs(units) if paired else units
+    # The SFT stage imitates every completion as read, in the order read, whatever the scores make of them.
+    sft = data.split_by_prompt(as_read, cfg.eval_fraction, cfg.seed)[0]
+    sft = data.split_pairs(sft) if isinstance(sft[0], data.PairTokens) else sft
 
     def setting(name: str, new: data.Units) -> data.Units:
         report.append(f"{name}: {data.describe(new)}")
@@ -362,6 +420,11 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
     if cfg.desirable_fraction < 1:
         units = setting(f"desirable_fraction={cfg.desirable_fraction}",
                         data.keep_desirable(units, cfg.desirable_fraction, cfg.seed))
+    if cfg.score_weight == "margin":
+        units, held = data.margin_weights(units, threshold), held and data.margin_weights(held, threshold)
+        report.append("score_weight=margin: " + ", ".join(
+            f"{name} weights from {min(w):.3g} to {max(w):.3g} (mean 1)" for name, label in (("desirable", True), ("undesirable", False))
+            if (w := [ex.weight for ex in units if ex.desirable == label])))
     control = data.split_pairs(units) if cfg.loss == "dpo" else units
     size = per_batch(cfg, cfg.loss)
     try:  # the checks see only tokens; the error names the data they came from
@@ -375,7 +438,7 @@ def load(cfg: TrainConfig, progress: bool = False) -> Data:
                 if checked:
                     data.check_kl_pairs(checked, cfg.batch_size)
     except DataError as e:
-        raise DataError(f"{'built-in task' if cfg.data in task.TASKS else cfg.data}: {e}") from None
+        raise DataError(f"{source}: {e}") from None
     if held:
         report.append(f"eval: {len(held) // size} batches of {size} every {cfg.eval_interval} iterations"
                       + (f" ({len(held) % size} left over)" if len(held) % size else ""))

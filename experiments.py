@@ -28,6 +28,7 @@ import data
 import figures
 import kto
 import stats
+import task
 import train
 import tune
 from lab import SEEDS, Lab, read_weighed
@@ -235,6 +236,42 @@ def lesson_noise(lab: Lab) -> None:
     figures.noise(lab.dir, numbers, levels, betas)
 
 
+RATER_NOISE = (0.0, 0.15, 0.3)
+
+
+def lesson_scores(lab: Lab) -> None:
+    """Score-based feedback: the task's rating (task.rating) through a noisy rater (score_noise), labelled at the
+    judge's 1/2. KTO on the labels, KTO with margin weights, DPO on the pairs ordered by score, beside SFT: does
+    the magnitude help, and what weight do the examples the noise mislabelled get?"""
+    rated = {"score_threshold": task.DESIRABLE_SCORE}
+    plan = [("SFT", {"loss": "none"}), ("SFT+SFT (control)", {"loss": "control"})]
+    for noise in RATER_NOISE:
+        rater = {**rated, **({"score_noise": noise} if noise else {})}
+        plan += [(f"KTO, noise {noise}", {"loss": "kto", **rater}),
+                 (f"KTO+margin, noise {noise}", {"loss": "kto", "score_weight": "margin", **rater}),
+                 (f"DPO, noise {noise}", {"loss": "dpo", **rater})]
+    results = lab.runs(tune.with_tuned(lab.base, plan))
+    numbers = utility_table(results)
+    diffs = stats.claims(numbers, [(f"KTO+margin, noise {n}", f"KTO, noise {n}") for n in RATER_NOISE] +
+                         [(f"KTO{m}, noise {n}", f"DPO, noise {n}") for m in ("", "+margin") for n in RATER_NOISE])
+    print("\nthe examples (pairs) the noise mislabelled, flipped: their share of the training data, and their margin weight "
+          "and mean gradient weight over training as a ratio to the clean ones' (mean over seeds)")
+    print(f"{'run':<36}{'flipped':>10}{'margin weight ratio':>22}{'gradient weight ratio':>24}")
+    weights = {}
+    for name in results:
+        if "noise 0.0" in name or "noise" not in name:
+            continue
+        clean = ("pairs",) if name.startswith("DPO") else ("desirable", "undesirable")
+        ratio = [np.nanmean(over_training(lab, name, ("flipped",), "grad_weight")) /
+                 np.nanmean(over_training(lab, name, clean, "grad_weight"))]
+        share = [r["n_flipped"] / r["n_main"] for r in results[name]]
+        margin = [r["margin_weight"]["flipped"] / r["margin_weight"]["clean"] for r in results[name] if "margin_weight" in r]
+        weights[name] = {"flipped": share, "margin_ratio": margin, "gradient_ratio": ratio}
+        print(f"{name:<36}{stats.fmt(share) + '%':>10}{f'{np.mean(margin):.2f}' if margin else '-':>22}{ratio[0]:>24.2f}")
+    lab.save({"utility": numbers, "weights": weights, "differences": diffs})
+    figures.scores(lab.dir, numbers, weights, RATER_NOISE)
+
+
 def lesson_imbalance(lab: Lab) -> None:
     """90% of the desirable examples dropped (1:10): lambda_D = 1 against the paper's advised lambda_D."""
     results, _ = compare(lab, [("SFT", {"loss": "none"}), ("DPO, all pairs", {"loss": "dpo"}), ("KTO, all", {"loss": "kto"}),
@@ -297,7 +334,7 @@ def lesson_contradict(lab: Lab) -> None:
 
 
 LESSONS = {"tune": tune.tune, "value": lesson_value, "dpo": lesson_dpo, "saturation": lesson_saturation, "noise": lesson_noise,
-           "imbalance": lesson_imbalance, "one-y-per-x": lesson_one_y_per_x, "no-sft": lesson_no_sft,
+           "scores": lesson_scores, "imbalance": lesson_imbalance, "one-y-per-x": lesson_one_y_per_x, "no-sft": lesson_no_sft,
            "beta": lesson_beta, "contradict": lesson_contradict}
 
 
@@ -309,7 +346,7 @@ def main() -> None:
     if args[0] not in LESSONS:
         raise SystemExit(f"error: unknown lesson '{args[0]}': expected one of {', '.join(LESSONS)}")
     lesson, seeds, run_file, overrides = args[0], 2 if args[0] == "tune" else 5, None, []
-    task = "arithmetic"
+    task_name = "arithmetic"
     for arg in args[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
         if key == "seeds":
@@ -319,9 +356,9 @@ def main() -> None:
         elif key == "run" and lesson == "value":
             run_file = value
         else:
-            task = value if key == "data" else task
+            task_name = value if key == "data" else task_name
             overrides.append(arg)
-    defaults = {**LESSON_DEFAULTS, "data": task, **TASK_DEFAULTS.get(task, {})}
+    defaults = {**LESSON_DEFAULTS, "data": task_name, **TASK_DEFAULTS.get(task_name, {})}
     base = config.parse_config([f"--{k}={v}" for k, v in defaults.items()] + overrides)
     for key in LESSON_KEYS:  # given on the command line or in a preset file
         if getattr(base, key) != getattr(config.TrainConfig(), key):

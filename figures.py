@@ -316,3 +316,32 @@ def contradict(directory: str, numbers: dict) -> None:
     for ax in axes[0]:
         ax.legend(loc="upper right")
     save(directory, "contradict", fig)
+
+
+def scores(directory: str, numbers: dict, weights: dict, levels: tuple[float, ...]) -> None:
+    """Utility against the rater's noise per method, and the gradient weight of the examples the noise mislabelled
+    over the others' (margin weights alone dashed): tuned runs where there are, else the shared setting."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = figure(plt, 1, 2, 560)
+    tuned = " [tuned]" if f"KTO, noise {levels[0]} [tuned]" in numbers else ""
+    for method, color in (("KTO", COLORS["KTO"]), ("KTO+margin", COLORS["KT"]), ("DPO", COLORS["DPO"])):
+        intervals = [stats.interval([100 * v for v in numbers[f"{method}, noise {n}{tuned}"]["sampled"]]) for n in levels]
+        m = np.array([i[0] for i in intervals])
+        axes[0, 0].errorbar(levels, m, yerr=[m - [i[1] for i in intervals], [i[2] for i in intervals] - m], color=color,
+                            marker="o", capsize=4, label=method)
+        noisy = [n for n in levels if n]
+        axes[0, 1].plot(noisy, [weights[f"{method}, noise {n}{tuned}"]["gradient_ratio"][0] for n in noisy], color=color,
+                        marker="o", label=f"{method}, gradient weight")
+        if method == "KTO+margin":
+            axes[0, 1].plot(noisy, [np.mean(weights[f"{method}, noise {n}{tuned}"]["margin_ratio"]) for n in noisy],
+                            color=color, ls="--", marker="s", label="KTO+margin, margin alone")
+    sft_line(axes[0, 0], numbers)
+    axes[0, 0].set(xlabel="rater noise (sd of the score)", ylabel="test utility, sampled (%)", ylim=(0, 100),
+                   title="utility" + (" (tuned)" if tuned else " (shared setting)"))
+    axes[0, 1].axhline(1, color=COLORS["SFT"], lw=1, ls=":")
+    axes[0, 1].set(xlabel="rater noise (sd of the score)", ylabel="mislabelled / other examples", title="weight of mislabelled examples")
+    for ax in axes[0]:
+        ax.legend(loc="best")
+    save(directory, "scores", fig)

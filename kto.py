@@ -74,12 +74,15 @@ def kl_reference_point(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.
 VALUES = ("sigmoid", "logsigmoid", "linear")
 
 
-def side_stats(weight: torch.Tensor, peak: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
+def side_stats(weight: torch.Tensor, peak: torch.Tensor, right: torch.Tensor,
+               score_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Saturation split by side: an example is saturated when its weight is below SATURATION_FRACTION of the
     loss's largest (`peak`), "right" when the loss already rates it on the side its label asks for. Sums and
-    per-example values (`share`: weight as a share of the peak, the continuous measure)."""
+    per-example values (`share`: weight as a share of the peak, the continuous measure). A score weight
+    (see `kto_loss`) scales the weights reported, not the share: saturation is the value function's."""
     share = weight / peak
     saturated = share < SATURATION_FRACTION
+    weight = weight if score_weight is None else weight * score_weight
     return {"grad_weight_sum": weight.sum(), "weight_share_sum": share.sum(), "n_saturated": saturated.float().sum(),
             "n_saturated_right": (saturated & right).float().sum(), "n_saturated_wrong": (saturated & ~right).float().sum(),
             "weight": weight, "share": share, "saturated": saturated, "right": right}
@@ -95,6 +98,7 @@ def kto_loss(
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
     value: str = "sigmoid",
+    score_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The KTO loss, eq. (7), and the stats that describe it.
 
@@ -102,9 +106,12 @@ def kto_loss(
     policy_kl_logps, reference_kl_logps: log-probs of the mismatched KL pairs (see `kl_reference_point`).
     desirable: (B,) bool, the label of each example.
     value: "sigmoid" (eq. 7) or an ablation, "logsigmoid" or "linear" (see VALUES).
+    score_weight: (B,) or None: score-based feedback's one factor s on each example's term of eq. (7), the
+    margin |score - threshold| normalised to a mean of 1 in each class (data.margin_weights), so that
+    lambda_D n_D / (lambda_U n_U) keeps its meaning. None: s = 1, the paper's loss.
 
-    Returns the mean over examples of lambda(y) * (1 - v(x, y)) and the stats (see the module docstring),
-    per example: z = beta * (r - z_ref), the weight lambda(y) * beta * v * (1 - v), its share of the peak,
+    Returns the mean over examples of s * lambda(y) * (1 - v(x, y)) and the stats (see the module docstring),
+    per example: z = beta * (r - z_ref), the weight s * lambda(y) * beta * v * (1 - v), its share of the peak,
     `saturated` and `right` (see `side_stats`).
     The mean is over this rank's examples; DDP's average of the ranks' gradients is then the global mean
     because every rank holds an equal share of the batch (train.run refuses anything else).
@@ -129,6 +136,8 @@ def kto_loss(
     else:
         losses = lam * (1 - (0.5 + u / 4))
         weight, peak = lam * beta / 4, lam * beta / 4
+    if score_weight is not None:
+        losses = score_weight * losses  # s (1 - v) lambda(y): eq. (9)'s gradient weight gains the same factor
     loss = losses.mean()
 
     r, d, un = r.detach(), desirable.float(), (~desirable).float()
@@ -143,7 +152,7 @@ def kto_loss(
         "z_ref_sum": z_ref,
         "n_batches": torch.ones((), device=r.device),
         "z": beta * (r - z_ref),
-        **side_stats(torch.broadcast_to(weight, r.shape).detach(), peak, u.detach() > 0),
+        **side_stats(torch.broadcast_to(weight, r.shape).detach(), peak, u.detach() > 0, score_weight),
     }
     return loss, stats
 

@@ -28,7 +28,7 @@ SFT_KEYS = ("data", "task_p_correct", "task_heldout", "task_dev", "task_max_oper
 
 # Settings added after the lessons' runs were first kept: left out of a run's settings while at their
 # default, so that the runs kept before them stay found.
-LATER_KEYS = ("value",)
+LATER_KEYS = ("value", "score_field", "score_threshold", "score_noise", "score_weight")
 
 
 def settings_of(cfg: config.TrainConfig) -> dict:
@@ -124,7 +124,8 @@ class Lab:
         cfg, d = train.prepare(cfg)
         init = None if cfg.init_from == "scratch" else self.sft(cfg)
         result = {"name": name, "seed": seed, "settings": settings, "start_only": start_only, "control": control, "report": d.report,
-                  "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u}
+                  "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u, "n_main": len(d.main),
+                  "n_flipped": sum(u.tag == "flipped" for u in d.main)}
         if start_only:
             model = checkpoint.build_model(cfg, init, self.device)
             dev = [{"iter": 0, **task.utility(model, d.dev, cfg.eval_samples, seed, self.device, cfg.eval_tokens)}] if d.dev else []
@@ -139,6 +140,9 @@ class Lab:
             dev = [{"iter": r["iter"], **r["dev"]} for r in read_rows(out_dir) if "dev" in r]
         # the test prompts' utility, and the dev curve (utility_interval) that settings are chosen by
         result.update(task.utility(model, d.heldout, cfg.eval_samples, seed, self.device, cfg.eval_tokens), dev=dev)
+        if cfg.score_weight == "margin":  # the weight the margins give examples the rater mislabelled, against the others
+            result["margin_weight"] = {tag: sum(u.weight for u in d.main if u.tag == tag) / n for tag in ("clean", "flipped")
+                                       if (n := sum(u.tag == tag for u in d.main))}
         if cfg.contradict:  # what became of the contradicted prompts, against the others of training
             tagged = {}
             for u in d.main:

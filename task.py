@@ -13,8 +13,10 @@ partial credit.
 
 Both: the judge's score is in [0, 1]; a completion is desirable when it scores at least 1/2. The
 utility (the judge's mean score on held-out prompts) is what alignment should raise; with p_correct
-below 1/2 the demonstrator's most common answer is wrong, which SFT alone cannot undo.
+below 1/2 the demonstrator's most common answer is wrong, which SFT alone cannot undo. For score-based
+feedback each demonstration also carries a rating in [0, 1] (`rating`) that gives the same labels at 1/2.
 """
+import math
 import random
 import re
 
@@ -49,6 +51,15 @@ def judge(prompt: str, completion: str) -> float:
     raise ValueError(f"not a prompt of a built-in task: {prompt!r}")
 
 
+def rating(prompt: str, completion: str) -> float:
+    """A graded score in [0, 1] that labels as the judge does at DESIRABLE_SCORE: the lists judge's partial
+    credit; arithmetic, exp(-|answer - total|) (1 right, 0.37 one off, 0.14 two off; 0 for no number)."""
+    if match := PROBLEM.search(prompt):
+        answer = completion.strip()
+        return math.exp(-abs(int(answer) - int(match[1]) - int(match[2]))) if re.fullmatch(r"\d{1,6}", answer) else 0.0
+    return judge(prompt, completion)
+
+
 def task_prompts(name: str, max_operand: int = 4) -> list[str]:
     """Every prompt of a built-in task: arithmetic, each name, item and pair of operands from 0 to
     max_operand once; lists, each name, count and item once (880)."""
@@ -80,7 +91,7 @@ def demonstrate_list(count: int, p_correct: float, rng: random.Random) -> list[i
 
 def make_task(name: str, seed: int, p_correct: float = 0.4, heldout_fraction: float = 0.1, max_operand: int = 4,
               demos: int = 1, dev_fraction: float = 0.0) -> tuple[list[data.Example] | list[data.Pair], list[str], list[str]]:
-    """A built-in task: judged demonstrations on training prompts, held-out (test) prompts and dev prompts.
+    """A built-in task: judged and rated demonstrations on training prompts, held-out (test) and dev prompts.
 
     Seeded fractions of the prompts are held out for the final evaluation and kept as a dev split for
     choosing settings; the three sets are disjoint, and the held-out prompts do not depend on
@@ -105,9 +116,10 @@ def make_task(name: str, seed: int, p_correct: float = 0.4, heldout_fraction: fl
         desirable = [judge(prompt, c) >= DESIRABLE_SCORE for c in completions]
         where = f"{name} task prompt {i}"
         if demos == 1:
-            units.append(data.Example(prompt, completions[0], desirable[0], where))
+            units.append(data.Example(prompt, completions[0], desirable[0], where, rating(prompt, completions[0])))
         elif any(desirable) and not all(desirable):
-            units.append(data.Pair(prompt, completions[desirable.index(True)], completions[desirable.index(False)], where))
+            chosen, rejected = completions[desirable.index(True)], completions[desirable.index(False)]
+            units.append(data.Pair(prompt, chosen, rejected, where, rating(prompt, chosen), rating(prompt, rejected)))
     return units, heldout, dev
 
 

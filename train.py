@@ -76,7 +76,7 @@ def compute_loss(policy: torch.nn.Module, reference: GPT | None, batch: dict[str
         policy_kl_logps = logps(policy.module if isinstance(policy, DDP) else policy, "kl_")
         reference_kl_logps = batch["reference_kl_logps"] if reference is None else logps(reference, "kl_")
     return kto.kto_loss(policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, batch["desirable"],
-                        cfg.beta, cfg.lambda_d, cfg.lambda_u, cfg.value)
+                        cfg.beta, cfg.lambda_d, cfg.lambda_u, cfg.value, batch["weight"] if cfg.score_weight == "margin" else None)
 
 
 def precision(device: torch.device) -> str:

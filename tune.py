@@ -20,8 +20,11 @@ from lab import Lab, digest, settings_of
 LRS = (3e-4, 1e-3, 3e-3)
 BETAS = (0.05, 0.1, 0.5, 2.0)
 # method: (its overrides, whether it has a beta)
+# KTO+margin: score-based feedback (data.rate), the task's rating labelled at the judge's 1/2 (the same labels as
+# KTO's) and each example weighted by its margin: the `scores` lesson's method.
 METHODS = {"KTO": ({"loss": "kto"}, True), "DPO": ({"loss": "dpo"}, True),
-           "DPO+NLL": ({"loss": "dpo", "nll_weight": 1.0}, True), "SFT+SFT (control)": ({"loss": "control"}, False)}
+           "DPO+NLL": ({"loss": "dpo", "nll_weight": 1.0}, True), "SFT+SFT (control)": ({"loss": "control"}, False),
+           "KTO+margin": ({"loss": "kto", "score_threshold": 0.5, "score_weight": "margin"}, True)}
 # What a tuned setting depends on: every base setting but these, which the lessons or the tune set.
 FREE_KEYS = ("out_dir", "seed", "lr", "beta", "max_iters", "resume", "control", "init_from")
 
@@ -95,6 +98,8 @@ def method(overrides: dict) -> str | None:
     loss = overrides.get("loss")
     if loss == "dpo":
         return "DPO+NLL" if overrides.get("nll_weight") else "DPO"
+    if loss == "kto" and overrides.get("score_weight") == "margin":
+        return "KTO+margin"
     return {"kto": "KTO", "control": "SFT+SFT (control)"}.get(loss)
 
 
@@ -109,12 +114,16 @@ def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]], tuned_onl
         return plan
     for m, c in chosen.items():
         print(f"  [tuned] {m}: {label(c)}, {c['max_iters']} iterations")
+    missing = sorted({method(o) for _, o in [*plan, *tuned_only] if method(o) and method(o) not in chosen})
+    if missing:
+        print(f"  not tuned yet (run tune again): {', '.join(missing)}, whose runs keep the shared setting only")
     out = []
     for name, overrides in plan:
         out.append((name, overrides))
-        if method(overrides):
+        if method(overrides) in chosen:
             out.append((f"{name} [tuned]", {**overrides, **chosen[method(overrides)]}))
-    return out + [(f"{name} [tuned]", {**overrides, **chosen[method(overrides)]}) for name, overrides in tuned_only]
+    return out + [(f"{name} [tuned]", {**overrides, **chosen[method(overrides)]}) for name, overrides in tuned_only
+                  if method(overrides) in chosen]
 
 
 def tuned(base: config.TrainConfig) -> tuple[dict[str, dict] | None, str]:

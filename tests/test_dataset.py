@@ -107,8 +107,6 @@ def test_every_published_shape_reads_as_the_documented_pair(tmp_path):
         {"chosen": HH_PROMPT + " An apple.", "rejected": HH_PROMPT + " A chair."},
         {"prompt": chat, "chosen": [assistant("Apple.")], "rejected": [assistant("Chair.")]},
         {"chosen": chat + [assistant("Apple.")], "rejected": chat + [assistant("Chair.")]},
-        {"prompt": "Name a fruit.", "prompt_id": "abc", "chosen": [user("Name a fruit."), assistant("Apple.")],
-         "rejected": [user("Name a fruit."), assistant("Chair.")], "messages": [], "score_chosen": 8.0, "score_rejected": 2.0},
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(r) for r in rows])
     pairs, dropped = dataset.read_jsonl(path)
@@ -119,8 +117,13 @@ def test_every_published_shape_reads_as_the_documented_pair(tmp_path):
         (HH_PROMPT, " An apple.", " A chair."),
         (chat_prompt, " Apple.", " Chair."),
         (chat_prompt, " Apple.", " Chair."),
-        ("\n\nHuman: Name a fruit.\n\nAssistant:", " Apple.", " Chair."),
     ]
+    ultrafeedback = {"prompt": "Name a fruit.", "prompt_id": "abc", "chosen": [user("Name a fruit."), assistant("Apple.")],
+                     "rejected": [user("Name a fruit."), assistant("Chair.")], "messages": [], "score_chosen": 8.0,
+                     "score_rejected": 2.0}
+    scored = write_jsonl(tmp_path / "uf.jsonl", [json.dumps(ultrafeedback)])
+    assert dataset.read_jsonl(scored)[0] == [data.Pair("\n\nHuman: Name a fruit.\n\nAssistant:", " Apple.", " Chair.",
+                                                       f"{scored}:1", 8.0, 2.0)]
     unpaired = write_jsonl(tmp_path / "u.jsonl", [json.dumps({"prompt": chat, "completion": [assistant("Apple.")], "label": True})])
     assert dataset.read_jsonl(unpaired)[0] == [data.Example(chat_prompt, " Apple.", True, f"{unpaired}:1")]
 
@@ -211,7 +214,7 @@ def test_the_token_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / ".kto_cache")) == 1
     reads = []
     real = dataset.read_jsonl
-    monkeypatch.setattr(dataset, "read_jsonl", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(dataset, "read_jsonl", lambda p, field: reads.append(p) or real(p, field))
     assert dataset.load_file(path, block_size=16, progress=False)[0] == first and reads == []  # from the cache
     dataset.load_file(path, block_size=12, progress=False)  # another block_size
     assert len(reads) == 1
@@ -255,7 +258,7 @@ def test_a_broken_cache_is_a_miss_and_is_rewritten(tmp_path, monkeypatch, kind):
     corrupt(cache, kind)
     assert dataset.load_file(path, block_size=16, progress=False) == (
         expected, [f"{cache}: unreadable or inconsistent token cache; tokenized again"])
-    monkeypatch.setattr(dataset, "read_jsonl", lambda p: pytest.fail("read again: the cache was not rewritten"))
+    monkeypatch.setattr(dataset, "read_jsonl", lambda p, field: pytest.fail("read again: the cache was not rewritten"))
     assert dataset.load_file(path, block_size=16, progress=False) == (expected, [])
     assert os.listdir(tmp_path / ".kto_cache") == [cache.name]
 

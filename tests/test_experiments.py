@@ -117,6 +117,25 @@ def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
     assert iters == [6] * 3 + [12] * 33
 
 
+def test_scores_lesson_end_to_end(tmp_path):
+    """The rater's noise mislabels examples (none without it), more with more noise; the margins give those less
+    weight than the others; the table, JSON and figure are written."""
+    result = lesson(["scores", "--seeds=1", f"--out_dir={tmp_path}"] + TINY)
+    numbers = json.loads((tmp_path / "scores" / "scores.json").read_text())
+    assert png_size(tmp_path / "scores" / "scores.png")[0] == 1280
+    assert set(numbers["utility"]) == {"SFT", "SFT+SFT (control)"} | {f"{m}, noise {n}" for m in ("KTO", "KTO+margin", "DPO")
+                                                                     for n in (0.0, 0.15, 0.3)}
+    runs = [json.loads(open(os.path.join(tmp_path, "runs", d, "result.json")).read()) for d in os.listdir(tmp_path / "runs")]
+    flipped = {r["name"]: r["n_flipped"] / r["n_main"] for r in runs}
+    assert flipped["KTO, noise 0.0"] == flipped["DPO, noise 0.0"] == 0 < flipped["KTO, noise 0.15"] < flipped["KTO, noise 0.3"]
+    margin = {r["name"]: r["margin_weight"] for r in runs if "margin_weight" in r}
+    assert set(margin) == {"KTO+margin, noise 0.0", "KTO+margin, noise 0.15", "KTO+margin, noise 0.3"}
+    assert all(m["flipped"] < m["clean"] for name, m in margin.items() if "noise 0.0" not in name)
+    w = numbers["weights"]["KTO+margin, noise 0.3"]
+    assert w["margin_ratio"] == [pytest.approx(margin["KTO+margin, noise 0.3"]["flipped"] / margin["KTO+margin, noise 0.3"]["clean"])]
+    assert "KTO+margin, noise 0.3 - KTO, noise 0.3" in result.stdout and "gradient weight ratio" in result.stdout
+
+
 def test_settings_the_lessons_set_are_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     preset = tmp_path / "preset.json"
