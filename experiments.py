@@ -6,7 +6,7 @@
 
     python experiments.py tune                      # each method's own lr, beta and stop, on the dev prompts
 
-Lessons: tune, value, dpo, saturation, noise, imbalance, one-y-per-x, no-sft, beta, contradict.
+Lessons: tune, value, dpo, saturation, noise, scores, imbalance, one-y-per-x, no-sft, beta, contradict.
 They run on the arithmetic task; --data=lists runs one on the lists task (long completions: room for the
 reward to saturate on both sides; its own scale, TASK_DEFAULTS). Each trains with train.py's own functions, shares one SFT stage
 per seed and data set, keeps every run in out_dir/runs/ under a digest of its settings (a run finished by
