@@ -1,6 +1,8 @@
 """The lessons' runs: each a train.py stage from a shared SFT model, evaluated on the built-in task, and kept
 under a digest of its settings so that any lesson finds it again (experiments.py holds the lessons)."""
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -71,6 +73,19 @@ def write_json(path: str, obj) -> None:
     checkpoint.write_atomic(path, lambda f: f.write(json.dumps(strict(obj), indent=1, allow_nan=False).encode()))
 
 
+@contextlib.contextmanager
+def claimed(out_dir: str):
+    """Hold the lock of a run's (or SFT stage's) folder: lessons started side by side on one out_dir train each
+    shared run once, the others wait for it. The lock files live in out_dir/locks/ (a weighed run's folder may
+    be removed); the operating system releases the lock of a process that dies."""
+    parent, name = os.path.split(out_dir)
+    locks = os.path.join(os.path.dirname(parent), "locks")
+    os.makedirs(locks, exist_ok=True)
+    with open(os.path.join(locks, f"{os.path.basename(parent)}-{name}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 class Lab:
     """One lesson's runs: each a train.py stage from the shared SFT model of its seed, then evaluated.
 
@@ -90,9 +105,10 @@ class Lab:
         out_dir = os.path.join(self.base.out_dir, "sft", f"{digest({**key, **contents(cfg, ('data', 'sft_init'))})}-seed{cfg.seed}")
         os.makedirs(out_dir, exist_ok=True)
         sft_cfg = config.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
-        _, d = train.prepare(sft_cfg)
-        init = None if cfg.sft_init == "scratch" else cfg.sft_init
-        train.train_stage(sft_cfg, "sft", "sft", init, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
+        with claimed(out_dir):  # a second process waits, then resumes the finished stage: nothing to train
+            _, d = train.prepare(sft_cfg)
+            init = None if cfg.sft_init == "scratch" else cfg.sft_init
+            train.train_stage(sft_cfg, "sft", "sft", init, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
         return os.path.join(out_dir, "sft.pt")
 
     def run(self, name: str, seed: int, weigh: bool = False, **overrides) -> dict:
@@ -109,6 +125,12 @@ class Lab:
         key = digest({**settings, "start_only": start_only, "weigh": weigh, **({"control": True} if control else {})})
         out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
         self.dirs[name, seed] = out_dir
+        with claimed(out_dir):
+            return self.train_run(name, seed, cfg, settings, out_dir, start_only, control, weigh)
+
+    def train_run(self, name: str, seed: int, cfg: config.TrainConfig, settings: dict, out_dir: str, start_only: bool,
+                  control: bool, weigh: bool) -> dict:
+        """Lab.run's work, under the run's lock: its cached result, or the run trained and evaluated."""
         path = os.path.join(out_dir, "result.json")
         if os.path.exists(path):
             try:

@@ -117,6 +117,26 @@ def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
     assert iters == [6] * 3 + [12] * 33
 
 
+def test_two_lessons_side_by_side_train_each_shared_run_once(tmp_path):
+    """imbalance and one-y-per-x started together on one out_dir share the SFT stage and three runs: each is
+    trained by one of them (its log has every iteration once) and both tables give the shared runs alike."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    both = [subprocess.Popen([sys.executable, "experiments.py", name, "--seeds=1", f"--out_dir={tmp_path}"] + TINY,
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("imbalance", "one-y-per-x")]
+    for p in both:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert len(os.listdir(tmp_path / "sft")) == 1 and len(os.listdir(tmp_path / "runs")) == 6  # SFT itself: no log
+    assert len(list((tmp_path / "runs").glob("*/metrics.jsonl"))) == 5
+    for log in list((tmp_path / "sft").glob("*/metrics.jsonl")) + list((tmp_path / "runs").glob("*/metrics.jsonl")):
+        iters = [json.loads(line)["iter"] for line in log.read_text().splitlines() if "loss" in json.loads(line)]
+        assert len(iters) > 1 and iters == sorted(set(iters)), log
+    imbalance, one_y = (json.loads((tmp_path / n / f"{n}.json").read_text())["utility"] for n in ("imbalance", "one-y-per-x"))
+    for name in ("SFT", "DPO, all pairs", "KTO, all"):
+        assert imbalance[name] == one_y[name]
+
+
 def test_scores_lesson_end_to_end(tmp_path):
     """The rater's noise mislabels examples (none without it), more with more noise; the margins give those less
     weight than the others; the table, JSON and figure are written."""

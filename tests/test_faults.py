@@ -13,10 +13,9 @@ import checkpoint
 import config
 import lab
 import train
+from test_train import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--warmup_iters=0", "--sft_lr=0.01",
-        "--lr=0.01", "--eval_samples=1", "--log_interval=1"]
 
 
 def run(args: list[str], nproc: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
