@@ -11,11 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--sft_iters=3", "--max_iters=12", "--eval_samples=1",
         "--warmup_iters=0", "--log_interval=4", "--eval_tokens=3", "--task_max_operand=2"]
 PNG = b"\x89PNG\r\n\x1a\n"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def lesson(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "experiments.py"] + args, cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "experiments.py"] + args, cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -120,9 +120,8 @@ def test_a_training_lesson_end_to_end_and_finished_runs_are_skipped(tmp_path):
 def test_two_lessons_side_by_side_train_each_shared_run_once(tmp_path):
     """imbalance and one-y-per-x started together on one out_dir share the SFT stage and three runs: each is
     trained by one of them (its log has every iteration once) and both tables give the shared runs alike."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     both = [subprocess.Popen([sys.executable, "experiments.py", name, "--seeds=1", f"--out_dir={tmp_path}"] + TINY,
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for name in ("imbalance", "one-y-per-x")]
     for p in both:
         _, err = p.communicate(timeout=300)
@@ -157,13 +156,12 @@ def test_scores_lesson_end_to_end(tmp_path):
 
 
 def test_settings_the_lessons_set_are_refused(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     preset = tmp_path / "preset.json"
     preset.write_text(json.dumps({"control": False}))
     for args, said in ((["--seed=3"], "seed=3"), (["--init_from=scratch"], "init_from='scratch'"),
                        (["--resume=true"], "resume=True"), ([str(preset)], "control=False")):
-        result = subprocess.run([sys.executable, "experiments.py", "dpo"] + args + [f"--out_dir={tmp_path}"], cwd=ROOT, env=env,
+        result = subprocess.run([sys.executable, "experiments.py", "dpo"] + args + [f"--out_dir={tmp_path}"], cwd=ROOT, env=ENV,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and result.stderr.startswith(f"error: {said}:"), result.stderr
-    unknown = subprocess.run([sys.executable, "experiments.py", "valu"], cwd=ROOT, env=env, capture_output=True, text=True)
+    unknown = subprocess.run([sys.executable, "experiments.py", "valu"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert unknown.returncode == 1 and "unknown lesson 'valu'" in unknown.stderr
