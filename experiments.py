@@ -4,7 +4,7 @@
     python experiments.py noise --seeds=1           # KTO (three value functions) and DPO, 0-30% of labels flipped
     python experiments.py dpo --seeds=1 --max_iters=100 --device=cuda   # any train.py setting after the lesson
 
-    python experiments.py tune                      # each method's own lr, beta and stop, on the dev prompts
+    python experiments.py tune --jobs=2             # each method's own lr, beta and stop, on the dev prompts
 
 Lessons: tune, value, dpo, saturation, noise, scores, imbalance, one-y-per-x, no-sft, beta, contradict.
 They run on the arithmetic task; --data=lists runs one on the lists task (long completions: room for the
@@ -14,10 +14,13 @@ any lesson is not trained again; a changed setting makes a new run), prints its 
 interval over seeds; comparisons as paired differences per seed) and writes out_dir/LESSON/LESSON.json and
 LESSON.png (figures.py). After `tune`, the comparison lessons also run each method at its tuned setting
 ("[tuned]"). The lessons set seed, resume, control and init_from themselves; --seeds=N (default 5, tune 2)
-takes the first N of 1337, 1, 2, 3, ..., 9. value --run=RESULT.json draws a weighed run's examples (the
+takes the first N of 1337, 1, 2, 3, ..., 9. --jobs=N shares a lesson's runs among N processes of one thread
+each (on a 2-core CPU, --jobs=2 is about twice as fast as one process at 2 threads; at one thread a run
+gives the same numbers on every machine tried). value --run=RESULT.json draws a weighed run's examples (the
 saturation lesson prints the path).
 """
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -44,6 +47,8 @@ TASK_DEFAULTS = {"arithmetic": {}, "lists": {"batch_size": 16, "sft_iters": 300,
                                              "utility_interval": 25}}
 # Settings each lesson sets for its runs: the command line cannot change them.
 LESSON_KEYS = ("seed", "resume", "control", "init_from")
+# Set in the environment of the processes --jobs starts (experiments.main).
+HELPER = "KTO_LESSON_HELPER"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -171,14 +176,16 @@ def lesson_saturation(lab: Lab) -> None:
     """One KTO run: the saturated share of each class by side over training ("already right": desirable above
     z_ref, undesirable below; "wrong side"), its mean weight as a share of the peak, and every training
     example's z at the start, middle and end (Prop. 4.1 both ways: KTO stops learning from what it already
-    rates far from z_ref, right or wrong)."""
+    rates far from z_ref, right or wrong). With label_noise, the flipped examples as a group of their own."""
     results = lab.runs([("SFT", {"loss": "none"}), ("KTO", {"loss": "kto"})], weigh=True)
     numbers = {"utility": utility_table(results), "over_training": {}, "weights": {}}
     stops = list(results["KTO"][0]["weights"])
-    print(f"\n% of each class's training examples (all whole batches), mean [90% t interval] over {len(lab.seeds)} seed(s): "
-          "saturated on the right side / on the wrong side / mean weight as a share of the peak")
-    print(f"{'class':<14}" + "".join(f"{'iteration ' + s:>42}" for s in stops))
-    for group in ("desirable", "undesirable"):
+    groups = ("desirable", "undesirable") + (("flipped",) if any(r["n_flipped"] for r in results["KTO"]) else ())
+    print(f"\n% of each group's training examples (all whole batches), mean [90% t interval] over {len(lab.seeds)} seed(s): "
+          "saturated on the right side / on the wrong side / mean weight as a share of the peak" +
+          ("; flipped: label_noise's examples, either label, the side their flipped label asks for" if "flipped" in groups else ""))
+    print(f"{'group':<14}" + "".join(f"{'iteration ' + s:>42}" for s in stops))
+    for group in groups:
         numbers["over_training"][group] = {key: over_training(lab, "KTO", (group,), key).tolist()
                                            for key in ("saturated_right", "saturated_wrong", "weight_share")}
         numbers["weights"][group] = {}
@@ -198,7 +205,7 @@ def lesson_saturation(lab: Lab) -> None:
     print(f"\nthe examples on the value curve: python experiments.py value --beta={lab.base.beta} "
           f"--run={os.path.join(first, 'result.json')}")
     lab.save(numbers)
-    figures.saturation(lab.dir, numbers, results, lab.seeds)
+    figures.saturation(lab.dir, numbers, results, lab.seeds, groups)
 
 
 def lesson_noise(lab: Lab) -> None:
@@ -297,7 +304,9 @@ def lesson_no_sft(lab: Lab) -> None:
     results = lab.runs([("SFT from scratch", {"loss": "sft", **scratch}), ("DPO from scratch", {"loss": "dpo", **scratch}),
                         ("KTO from scratch", {"loss": "kto", **scratch})])
     numbers = utility_table(results, extra={"length (tokens)": ("sampled.length", 1), "ends with EOT (%)": ("sampled.eot", 100)})
-    lab.save(numbers)
+    diffs = stats.claims(numbers, [("KTO from scratch", "DPO from scratch"), ("SFT from scratch", "KTO from scratch")])
+    diffs.update(stats.claims(numbers, [("DPO from scratch", "KTO from scratch")], {"length (tokens)": 1}))
+    lab.save({"utility": numbers, "differences": diffs})
     figures.no_sft(lab.dir, numbers, scratch["eval_tokens"])
 
 
@@ -312,6 +321,7 @@ def lesson_beta(lab: Lab) -> None:
         sat = [np.mean([r["saturated"] for r in lab.rows(name, s)]) for s in lab.seeds]
         numbers["saturated"][name] = sat
         print(f"{name:<16}{stats.fmt(sat):>36}")
+    numbers["differences"] = stats.claims(numbers["utility"], [(f"KTO beta={b}", f"KTO beta={a}") for a, b in zip(betas, betas[1:])])
     lab.save(numbers)
     figures.beta(lab.dir, numbers, betas)
 
@@ -345,7 +355,7 @@ def main() -> None:
         raise SystemExit(0 if args else 1)
     if args[0] not in LESSONS:
         raise SystemExit(f"error: unknown lesson '{args[0]}': expected one of {', '.join(LESSONS)}")
-    lesson, seeds, run_file, overrides = args[0], 2 if args[0] == "tune" else 5, None, []
+    lesson, seeds, jobs, run_file, overrides = args[0], 2 if args[0] == "tune" else 5, 1, None, []
     task_name = "arithmetic"
     for arg in args[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
@@ -353,6 +363,10 @@ def main() -> None:
             if not value.isdigit() or not 1 <= int(value) <= len(SEEDS):
                 raise SystemExit(f"error: --seeds={value}: expected an integer from 1 to {len(SEEDS)}")
             seeds = int(value)
+        elif key == "jobs":
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"error: --jobs={value}: expected a whole number of processes, 1 or more")
+            jobs = int(value)
         elif key == "run" and lesson == "value":
             run_file = value
         else:
@@ -367,10 +381,21 @@ def main() -> None:
     _, _, device = train.setup_distributed(base)
     trains = "" if lesson == "value" else f"{base.data} task; seeds {', '.join(map(str, SEEDS[:seeds]))}; "
     print(f"lesson {lesson}: {trains}device {device}, torch {torch.__version__}")
+    helpers = []
+    if jobs > 1 and lesson != "value":  # jobs - 1 helpers train the same lesson's runs (Lab.runs) and leave the tables to this process
+        torch.set_num_threads(1)
+        command = [sys.executable, os.path.abspath(__file__)] + [a for a in args if not a.startswith("--jobs")]
+        helpers = [subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", HELPER: "1"},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(jobs - 1)]
     try:
-        LESSONS[lesson](Lab(lesson, base, seeds, device, run_file))
+        LESSONS[lesson](Lab(lesson, base, seeds, device, run_file, helper=os.environ.get(HELPER) == "1"))
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        for helper in helpers:
+            if sys.exc_info()[0] is not None:  # this process failed: its helpers stop too
+                helper.terminate()
+            helper.wait()
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def value(directory: str, numbers: dict, run: dict | None = None) -> None:
         last = list(run["weights"])[-1]
         w = run["weights"][last]
         twin = b.twinx()
-        for group in ("desirable", "undesirable"):
+        for group in [g for g in ("desirable", "undesirable", "flipped") if g in w["group"]]:
             # beyond the axis, in the edge bins
             twin.hist(np.clip([x for x, g in zip(w["z"], w["group"]) if g == group], z.min(), z.max()), bins=60,
                       range=(z.min(), z.max()), color=COLORS[group], alpha=0.3, label=f"{group} examples, iteration {last}")
@@ -210,14 +210,14 @@ def dev_curve(start: list[dict], runs: list[dict], key: str) -> tuple[list[int],
         [np.mean([r["dev"][i]["sampled"][key] for r in runs]) for i in range(len(its) - 1)]
 
 
-def saturation(directory: str, numbers: dict, results: dict, seeds: tuple[int, ...]) -> None:
+def saturation(directory: str, numbers: dict, results: dict, seeds: tuple[int, ...], groups: tuple[str, ...]) -> None:
     """Saturation by side over training, the weight's share of its peak, and every example's z at the end."""
     plt = pyplot()
     if plt is None:
         return
     fig, axes = figure(plt, 2, 2, 1000)
     (a, b), (c, d) = axes
-    for group in ("desirable", "undesirable"):
+    for group in groups:
         o = numbers["over_training"][group]
         its = np.arange(1, len(o["weight_share"]) + 1)
         a.plot(its, 100 * smooth(o["saturated_right"]), color=COLORS[group], label=f"{group}: already right")
@@ -228,7 +228,7 @@ def saturation(directory: str, numbers: dict, results: dict, seeds: tuple[int, .
     stops = list(results["KTO"][0]["weights"])
     for ax, stop in ((c, stops[len(stops) // 2]), (d, stops[-1])):
         w = results["KTO"][0]["weights"][stop]
-        for group in ("desirable", "undesirable"):
+        for group in groups:
             ax.hist([x for x, g in zip(w["z"], w["group"]) if g == group], bins=50, range=(-15, 15), color=COLORS[group],
                     alpha=0.55, label=group)
         for edge in (-3.64, 3.64):

@@ -74,16 +74,21 @@ def write_json(path: str, obj) -> None:
 
 
 @contextlib.contextmanager
-def claimed(out_dir: str):
-    """Hold the lock of a run's (or SFT stage's) folder: lessons started side by side on one out_dir train each
-    shared run once, the others wait for it. The lock files live in out_dir/locks/ (a weighed run's folder may
-    be removed); the operating system releases the lock of a process that dies."""
+def claimed(out_dir: str, wait: bool = True):
+    """Hold the lock of a run's (or SFT stage's) folder: lessons started side by side on one out_dir (or one
+    lesson's --jobs) train each shared run once. Yields True once held; with wait=False, False at once if
+    another process holds it. The lock files live in out_dir/locks/ (a weighed run's folder may be removed);
+    the operating system releases the lock of a process that dies."""
     parent, name = os.path.split(out_dir)
     locks = os.path.join(os.path.dirname(parent), "locks")
     os.makedirs(locks, exist_ok=True)
     with open(os.path.join(locks, f"{os.path.basename(parent)}-{name}.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 class Lab:
@@ -92,27 +97,33 @@ class Lab:
     Runs live in out_dir/runs/, named by a digest of all their settings: a run is trained once, whichever
     lesson asks for it first, and a changed setting makes a new run."""
 
-    def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device, run_file: str | None = None):
+    def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device, run_file: str | None = None,
+                 helper: bool = False):
         self.lesson, self.base, self.seeds, self.device = lesson, base, SEEDS[:seeds], device
+        self.helper = helper  # a --jobs helper: it trains the lesson's runs, then ends; its parent prints the tables
         self.run_file = run_file  # a weighed run's result.json, for the value lesson to draw
         self.dir = os.path.join(base.out_dir, lesson)  # the lesson's table and figure
         self.dirs: dict[tuple[str, int], str] = {}  # (run name, seed) -> its folder in out_dir/runs
         os.makedirs(self.dir, exist_ok=True)
 
-    def sft(self, cfg: config.TrainConfig) -> str:
-        """The path of the SFT checkpoint for cfg's data and seed, trained on first use."""
+    def sft(self, cfg: config.TrainConfig, wait: bool = True) -> str | None:
+        """The path of the SFT checkpoint for cfg's data and seed, trained on first use; None if wait is False
+        and another process is training it."""
         key = {k: getattr(cfg, k) for k in SFT_KEYS}
         out_dir = os.path.join(self.base.out_dir, "sft", f"{digest({**key, **contents(cfg, ('data', 'sft_init'))})}-seed{cfg.seed}")
         os.makedirs(out_dir, exist_ok=True)
         sft_cfg = config.TrainConfig(**key, out_dir=out_dir, resume=True, loss="sft", init_from="scratch")
-        with claimed(out_dir):  # a second process waits, then resumes the finished stage: nothing to train
+        with claimed(out_dir, wait) as held:  # a second process waits, then resumes the finished stage: nothing to train
+            if not held:
+                return None
             _, d = train.prepare(sft_cfg)
             init = None if cfg.sft_init == "scratch" else cfg.sft_init
             train.train_stage(sft_cfg, "sft", "sft", init, cfg.sft_iters, "sft_lr", d.sft, 0, 1, self.device, progress=False)
         return os.path.join(out_dir, "sft.pt")
 
-    def run(self, name: str, seed: int, weigh: bool = False, **overrides) -> dict:
-        """Train one run (loss and settings from overrides) and evaluate it; cached in its result.json.
+    def run(self, name: str, seed: int, weigh: bool = False, wait: bool = True, **overrides) -> dict | None:
+        """Train one run (loss and settings from overrides) and evaluate it; cached in its result.json. With
+        wait=False, None at once if another process holds the run or its SFT stage.
 
         loss="none" evaluates the SFT start itself; loss="control" trains train.py's control (SFT continued
         from the SFT start on the main loss's completions). weigh: also record z, weight and `saturated` of every
@@ -125,12 +136,13 @@ class Lab:
         key = digest({**settings, "start_only": start_only, "weigh": weigh, **({"control": True} if control else {})})
         out_dir = os.path.join(self.base.out_dir, "runs", f"{key}-seed{seed}")
         self.dirs[name, seed] = out_dir
-        with claimed(out_dir):
-            return self.train_run(name, seed, cfg, settings, out_dir, start_only, control, weigh)
+        with claimed(out_dir, wait) as held:
+            return self.train_run(name, seed, cfg, settings, out_dir, start_only, control, weigh, wait) if held else None
 
     def train_run(self, name: str, seed: int, cfg: config.TrainConfig, settings: dict, out_dir: str, start_only: bool,
-                  control: bool, weigh: bool) -> dict:
-        """Lab.run's work, under the run's lock: its cached result, or the run trained and evaluated."""
+                  control: bool, weigh: bool, wait: bool) -> dict | None:
+        """Lab.run's work, under the run's lock: its cached result, or the run trained and evaluated (None if
+        wait is False and another process is training its SFT stage)."""
         path = os.path.join(out_dir, "result.json")
         if os.path.exists(path):
             try:
@@ -138,13 +150,15 @@ class Lab:
                     return json.load(f)
             except ValueError:  # cut short by an older version's kill mid-write: the run is finished again
                 print(f"note: {path} is unreadable; its run is resumed and evaluated again", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        config.check_config(cfg)
+        init = None if cfg.init_from == "scratch" else self.sft(cfg, wait)
+        if init is None and cfg.init_from != "scratch":
+            return None  # another process is training the SFT stage: this run comes later
         if weigh and os.path.isdir(out_dir):  # unfinished: a checkpoint past a stop would be weighed in its place
             shutil.rmtree(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-        cfg = dataclasses.replace(cfg, out_dir=out_dir)
-        config.check_config(cfg)
         cfg, d = train.prepare(cfg)
-        init = None if cfg.init_from == "scratch" else self.sft(cfg)
         result = {"name": name, "seed": seed, "settings": settings, "start_only": start_only, "control": control, "report": d.report,
                   "lambda_d": cfg.lambda_d, "lambda_u": cfg.lambda_u, "n_main": len(d.main),
                   "n_flipped": sum(u.tag == "flipped" for u in d.main)}
@@ -175,17 +189,31 @@ class Lab:
         write_json(path, result)
         return result
 
-    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False) -> dict[str, list[dict]]:
-        """Every (name, overrides) of the plan for every seed, under one progress bar."""
-        results: dict[str, list[dict]] = {name: [] for name, _ in plan}
-        bar = tqdm(total=len(plan) * len(self.seeds), desc=self.lesson, unit="run", dynamic_ncols=True)
-        for seed in self.seeds:
-            for name, overrides in plan:
+    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False, diverged_ok: bool = False) -> dict[str, list[dict]]:
+        """Every (name, overrides) of the plan for every seed, under one progress bar. Runs another process is
+        training (a lesson side by side, --jobs) are passed over, then waited for. diverged_ok: a run whose
+        training stopped being finite gives {"diverged": its error line} instead of ending the lesson."""
+        todo = [(name, seed, overrides) for seed in self.seeds for name, overrides in plan]
+        done: dict[tuple[str, int], dict] = {}
+        bar = tqdm(total=len(todo), desc=self.lesson, unit="run", dynamic_ncols=True)
+        for wait in (False, True):
+            for name, seed, overrides in todo:
+                if (name, seed) in done:
+                    continue
                 bar.set_postfix_str(f"{name} seed {seed}")
-                results[name].append(self.run(name, seed, weigh, **overrides))
-                bar.update(1)
+                try:
+                    result = self.run(name, seed, weigh, wait, **overrides)
+                except train.Diverged as e:
+                    if not diverged_ok:
+                        raise
+                    result = {"diverged": e.code}
+                if result is not None:
+                    done[name, seed] = result
+                    bar.update(1)
         bar.close()
-        return results
+        if self.helper:
+            raise SystemExit(0)
+        return {name: [done[name, seed] for seed in self.seeds] for name, _ in plan}
 
     def rows(self, name: str, seed: int) -> list[dict]:
         """The training rows of one run, one per iteration."""

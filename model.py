@@ -213,9 +213,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 decodes greedily."""
-        for _ in range(max_new_tokens):
+                 top_k: int | None = None, generator: torch.Generator | None = None, stop: int | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 decodes greedily. With `stop` (EOT),
+        generation ends early once every row holds it, and fewer columns come back."""
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            if stop is not None and done.all():
+                if temperature != 0:  # the skipped steps' draws: later calls on this generator sample the same
+                    for _ in range(max_new_tokens - step):
+                        torch.rand(idx.size(0), 1, device=idx.device, generator=generator)
+                break
             context = idx[:, -self.config.block_size:]
             # Only ids the GPT-2 tokenizer can decode: a vocabulary padded past it (50304) or with an added
             # pad token has logits for ids that decode to nothing, and sample.py would fail on them.
@@ -223,7 +230,8 @@ class GPT(nn.Module):
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                if temperature != 1:
+                    logits = logits / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits[logits < kth] = -float("inf")
@@ -233,6 +241,8 @@ class GPT(nn.Module):
                 u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
                 next_token = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1)
             idx = torch.cat((idx, next_token), dim=1)
+            if stop is not None:
+                done |= next_token[:, 0] == stop
         return idx
 
 

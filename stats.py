@@ -44,14 +44,16 @@ def fmt_paired(p: dict, scale: float = 100) -> str:
             f"{p['wins']}/{p['n']} seeds: {p['verdict']}")
 
 
-def claims(numbers: dict, comparisons: list[tuple[str, str]]) -> dict:
+def claims(numbers: dict, comparisons: list[tuple[str, str]], keys: dict[str, float] | None = None) -> dict:
     """Print and return a - b seed by seed for each comparison, a claim that a beats b, and for its [tuned]
-    runs where both ran. Runs of one seed share the SFT start, the split and the batch order."""
+    runs where both ran; keys: the quantities compared, with their scale (default: sampled and greedy
+    utility, in %). Runs of one seed share the SFT start, the split and the batch order."""
+    keys = keys or {"sampled": 100, "greedy": 100}
     out = {}
     print("\nthe claim a > b, paired by seed: a - b, mean [90% t interval], seeds on which a is ahead, verdict")
     for a, b in comparisons + [(f"{a} [tuned]", f"{b} [tuned]" if f"{b} [tuned]" in numbers else b) for a, b in comparisons]:
         if a in numbers and b in numbers:
-            out[f"{a} - {b}"] = {key: paired(numbers[a][key], numbers[b][key]) for key in ("sampled", "greedy")}
-            print(f"  {a} - {b}\n      sampled {fmt_paired(out[f'{a} - {b}']['sampled'])}; "
-                  f"greedy {fmt_paired(out[f'{a} - {b}']['greedy'])}")
+            out[f"{a} - {b}"] = {key: paired(numbers[a][key], numbers[b][key]) for key in keys}
+            print(f"  {a} - {b}\n      " + "; ".join(f"{key} {fmt_paired(out[f'{a} - {b}'][key], scale)}"
+                                                    for key, scale in keys.items()))
     return out

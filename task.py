@@ -143,7 +143,7 @@ def evaluate(model: GPT, prompts: list[str], samples: int, temperature: float, s
         for i in range(0, len(group), 64):  # 64 prompts at a time bound the (rows, 50257) logits in memory
             chunk = group[i:i + 64]
             idx = torch.tensor([ids for _, ids in chunk], device=device).repeat_interleave(samples, dim=0)
-            out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+            out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator, stop=data.EOT)
             for row, completion in enumerate(out[:, idx.size(1):].tolist()):
                 ended.append(data.EOT in completion)
                 completion = completion[:completion.index(data.EOT)] if ended[-1] else completion

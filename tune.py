@@ -14,7 +14,6 @@ import os
 import numpy as np
 
 import config
-import train
 from lab import Lab, digest, settings_of
 
 LRS = (3e-4, 1e-3, 3e-3)
@@ -62,19 +61,19 @@ def tune(lab: Lab) -> None:
     if not lab.base.task_dev or not 0 < lab.base.utility_interval <= lab.base.max_iters:
         raise SystemExit("error: tune needs dev prompts and their utility: task_dev > 0 and utility_interval in "
                          f"[1, max_iters={lab.base.max_iters}]")
+    results = lab.runs([(f"{m}, {label(o)}", o) for m in METHODS for o in grid(m)], diverged_ok=True)
     chosen = {}
     for m in METHODS:
         curves, settings, diverged = {}, {}, []  # curves[name][iteration]: dev utility per seed
         for overrides in grid(m):
             name = f"{m}, {label(overrides)}"
-            try:
-                devs = [lab.run(name, seed, **overrides)["dev"] for seed in lab.seeds]
-            except train.Diverged as e:  # not a candidate; the lesson goes on
-                diverged.append(f"{name}: {e.code}")
+            lost = [r["diverged"] for r in results[name] if "diverged" in r]
+            if lost:  # not a candidate; the lesson goes on
+                diverged.append(f"{name}: {lost[0]}")
                 continue
+            devs = [r["dev"] for r in results[name]]
             curves[name] = {row["iter"]: [dev[i]["sampled"]["utility"] for dev in devs] for i, row in enumerate(devs[0])}
             settings[name] = overrides
-            print(f"  {name}: best dev {100 * max(np.mean(v) for v in curves[name].values()):.1f}%", flush=True)
         if not curves:
             raise SystemExit(f"error: tune: every setting of {m} diverged: {'; '.join(diverged)}")
         name, it, value = choose(curves)

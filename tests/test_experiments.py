@@ -136,6 +136,40 @@ def test_two_lessons_side_by_side_train_each_shared_run_once(tmp_path):
         assert imbalance[name] == one_y[name]
 
 
+def test_saturation_lesson_follows_flipped_examples_as_their_own_group(tmp_path):
+    """With label_noise the flipped examples are a group of the table and the JSON, beside the two classes; its
+    shares are those of the weighed examples, counted here from the run's own result.json."""
+    result = lesson(["saturation", "--seeds=1", "--label_noise=0.3", "--beta=2", f"--out_dir={tmp_path}"] + TINY)
+    numbers = json.loads((tmp_path / "saturation" / "saturation.json").read_text())
+    assert set(numbers["weights"]) == set(numbers["over_training"]) == {"desirable", "undesirable", "flipped"}
+    assert "flipped: label_noise's examples" in result.stdout
+    run = next(json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json") if "weights" in json.loads(p.read_text()))
+    assert run["n_flipped"] > 0 and set(run["weights"]) == {"0", "6", "12"}
+    for stop, w in run["weights"].items():
+        mine = [i for i, g in enumerate(w["group"]) if g == "flipped"]
+        assert len(mine) > 0
+        wrong = sum(w["share"][i] < 0.1 and not w["right"][i] for i in mine) / len(mine)
+        assert numbers["weights"]["flipped"][stop]["wrong"] == [pytest.approx(wrong)]
+        share = sum(w["share"][i] for i in mine) / len(mine)
+        assert numbers["weights"]["flipped"][stop]["share"] == [pytest.approx(share)]
+    assert png_size(tmp_path / "saturation" / "saturation.png")[0] == 1280
+
+
+def test_jobs_share_a_lessons_runs_and_print_the_one_process_table(tmp_path):
+    """--jobs=2: two processes of one thread train the lesson's runs, each once, and the table and numbers are
+    those of one process at one thread, to the digit."""
+    args = ["one-y-per-x", "--seeds=2"] + TINY
+    one, two = lesson(args + [f"--out_dir={tmp_path / 'one'}"]), lesson(args + ["--jobs=2", f"--out_dir={tmp_path / 'two'}"])
+    table = [line for line in one.stdout.splitlines() if not line.startswith(("lesson", "numbers", "figure"))]
+    assert table == [line for line in two.stdout.splitlines() if not line.startswith(("lesson", "numbers", "figure"))]
+    numbers = [json.loads((tmp_path / d / "one-y-per-x" / "one-y-per-x.json").read_text()) for d in ("one", "two")]
+    assert numbers[0] == numbers[1] and len(numbers[0]["utility"]) == 4
+    for log in (tmp_path / "two").glob("*/*/metrics.jsonl"):
+        iters = [json.loads(line)["iter"] for line in log.read_text().splitlines() if "loss" in json.loads(line)]
+        assert len(iters) > 1 and iters == sorted(set(iters)), log
+    assert len(list((tmp_path / "two" / "runs").glob("*/result.json"))) == 8
+
+
 def test_scores_lesson_end_to_end(tmp_path):
     """The rater's noise mislabels examples (none without it), more with more noise; the margins give those less
     weight than the others; the table, JSON and figure are written."""

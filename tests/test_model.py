@@ -73,6 +73,28 @@ def test_sampling_matches_the_model_distribution():
     assert probs.max() - probs.min() > 0.3  # the test is not vacuous
 
 
+def test_generation_stopped_at_eot_is_the_same_and_leaves_the_generator_where_the_full_one_does():
+    """stop=EOT ends once every row holds EOT: the tokens up to there are those of the full generation, and the
+    generator's next draws are the same, so later prompts sample the same either way."""
+    model = tiny_gpt()
+    with torch.no_grad():  # every position's hidden state is the LayerNorm's bias: P(EOT) = 0.8 at each step
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[data.EOT] = torch.log(torch.tensor(0.8 / 0.2 * (GPT2_VOCAB - 1))) / 32
+    idx = torch.tensor([[10, 20, 30]]).repeat(4, 1)
+    outs, nexts = [], []
+    for stop in (data.EOT, None):
+        gen = torch.Generator().manual_seed(3)
+        outs.append(model.generate(idx, max_new_tokens=12, generator=gen, stop=stop))
+        nexts.append(torch.rand(5, generator=gen))
+    stopped, full = outs
+    assert stopped.size(1) < full.size(1) == 15 and torch.equal(stopped, full[:, :stopped.size(1)])
+    assert all(data.EOT in row[3:].tolist() for row in stopped) and torch.equal(nexts[0], nexts[1])
+    greedy = model.generate(idx, max_new_tokens=12, temperature=0, stop=data.EOT)
+    assert greedy.size(1) == 4 and (greedy[:, 3] == data.EOT).all()
+
+
 # ----------------------------------------------------------------------------- Hugging Face GPT-2 checkpoints
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
