@@ -298,15 +298,29 @@ def lesson_one_y_per_x(lab: Lab) -> None:
 
 
 def lesson_no_sft(lab: Lab) -> None:
-    """KTO and DPO from a random init, no SFT: utility, completion length and how often it ends (EOT)."""
-    scratch = {"init_from": "scratch", "eval_tokens": max(16, lab.base.eval_tokens), "max_iters": 800, "lr": 3e-3}
-    print("one setting for all three: tune chooses from the SFT start, and its choices do not carry to a random one")
-    results = lab.runs([("SFT from scratch", {"loss": "sft", **scratch}), ("DPO from scratch", {"loss": "dpo", **scratch}),
-                        ("KTO from scratch", {"loss": "kto", **scratch})])
+    """SFT, DPO and KTO from a random init, no SFT first: utility, completion length and how often it ends (EOT),
+    at one shared setting and at each method's own, chosen on dev prompts from the random start (tune's
+    choices, made from the SFT start, do not carry over)."""
+    # As many iterations as SFT and then the loss (800), twice the tokens to ramble in (16), dev utility half as often.
+    scratch = {"init_from": "scratch", "max_iters": lab.base.sft_iters + lab.base.max_iters, "lr": 3e-3,
+               "eval_tokens": 2 * lab.base.eval_tokens, "utility_interval": 2 * lab.base.utility_interval}
+    methods = {"SFT from scratch": {"loss": "sft"}, "DPO from scratch": {"loss": "dpo"}, "KTO from scratch": {"loss": "kto"}}
+    # A smaller grid than tune's, each run being as long as SFT and the loss together: the shared setting is in it.
+    grids = {m: [{**scratch, **o, "lr": lr, **({"beta": b} if o["loss"] != "sft" else {})}
+                 for lr in (1e-3, 3e-3) for b in ((0.1, 0.5, 2.0) if o["loss"] != "sft" else (None,))] for m, o in methods.items()}
+    print(f"each method's lr, beta and stop from the random start, chosen on dev prompts over seeds "
+          f"{', '.join(map(str, SEEDS[:2]))}:")
+    chosen = tune.choose_settings(Lab(lab.lesson, lab.base, 2, lab.device, helper=lab.helper), grids, last=False)
+    plan = [(m, {**scratch, **o}) for m, o in methods.items()]
+    plan += [(f"{m} [tuned]", {**scratch, **o, **{k: chosen[m][k] for k in ("lr", "beta", "max_iters") if k in chosen[m]}})
+             for m, o in methods.items()]
+    print()
+    results = lab.runs(plan)
     numbers = utility_table(results, extra={"length (tokens)": ("sampled.length", 1), "ends with EOT (%)": ("sampled.eot", 100)})
     diffs = stats.claims(numbers, [("KTO from scratch", "DPO from scratch"), ("SFT from scratch", "KTO from scratch")])
     diffs.update(stats.claims(numbers, [("DPO from scratch", "KTO from scratch")], {"length (tokens)": 1}))
-    lab.save({"utility": numbers, "differences": diffs})
+    lab.save({"utility": numbers, "differences": diffs,
+              "chosen": {m: {k: v for k, v in c.items() if k != "curves"} for m, c in chosen.items()}})
     figures.no_sft(lab.dir, numbers, scratch["eval_tokens"])
 
 

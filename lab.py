@@ -189,10 +189,12 @@ class Lab:
         write_json(path, result)
         return result
 
-    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False, diverged_ok: bool = False) -> dict[str, list[dict]]:
+    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False, diverged_ok: bool = False,
+             last: bool = True) -> dict[str, list[dict]]:
         """Every (name, overrides) of the plan for every seed, under one progress bar. Runs another process is
         training (a lesson side by side, --jobs) are passed over, then waited for. diverged_ok: a run whose
-        training stopped being finite gives {"diverged": its error line} instead of ending the lesson."""
+        training stopped being finite gives {"diverged": its error line} instead of ending the lesson. last:
+        the lesson's last call, after which a --jobs helper ends."""
         todo = [(name, seed, overrides) for seed in self.seeds for name, overrides in plan]
         done: dict[tuple[str, int], dict] = {}
         bar = tqdm(total=len(todo), desc=self.lesson, unit="run", dynamic_ncols=True)
@@ -211,7 +213,7 @@ class Lab:
                     done[name, seed] = result
                     bar.update(1)
         bar.close()
-        if self.helper:
+        if self.helper and last:
             raise SystemExit(0)
         return {name: [done[name, seed] for seed in self.seeds] for name, _ in plan}
 

@@ -57,15 +57,24 @@ def label(overrides: dict) -> str:
 
 
 def tune(lab: Lab) -> None:
-    """Train every method's grid, print each setting's best dev utility, save and print the choices."""
+    """Train every method's grid from the SFT start, print each setting's best dev utility, save and print the
+    choices."""
     if not lab.base.task_dev or not 0 < lab.base.utility_interval <= lab.base.max_iters:
         raise SystemExit("error: tune needs dev prompts and their utility: task_dev > 0 and utility_interval in "
                          f"[1, max_iters={lab.base.max_iters}]")
-    results = lab.runs([(f"{m}, {label(o)}", o) for m in METHODS for o in grid(m)], diverged_ok=True)
+    chosen = choose_settings(lab, {m: grid(m) for m in METHODS})
+    lab.save({"base": base_key(lab.base), "seeds": list(lab.seeds), "chosen": chosen})
+
+
+def choose_settings(lab: Lab, grids: dict[str, list[dict]], last: bool = True) -> dict[str, dict]:
+    """Train every setting of each method's grid on lab's seeds; print, per method, each setting's best mean
+    dev utility; return each method's choice: lr, beta, max_iters (the iteration), its dev utility, the curves.
+    last: the lesson's last runs (Lab.runs)."""
+    results = lab.runs([(f"{m}, {label(o)}", o) for m, settings in grids.items() for o in settings], diverged_ok=True, last=last)
     chosen = {}
-    for m in METHODS:
+    for m, tries in grids.items():
         curves, settings, diverged = {}, {}, []  # curves[name][iteration]: dev utility per seed
-        for overrides in grid(m):
+        for overrides in tries:
             name = f"{m}, {label(overrides)}"
             lost = [r["diverged"] for r in results[name] if "diverged" in r]
             if lost:  # not a candidate; the lesson goes on
@@ -86,10 +95,10 @@ def tune(lab: Lab) -> None:
         chosen[m] = {"lr": settings[name]["lr"], **({"beta": settings[name]["beta"]} if "beta" in settings[name] else {}),
                      "max_iters": it, "dev_sampled": value, "name": name,
                      "curves": {n: {str(i): v for i, v in c.items()} for n, c in curves.items()}, "diverged": diverged}
-    lab.save({"base": base_key(lab.base), "seeds": list(lab.seeds), "chosen": chosen})
     print("\nchosen on the dev prompts (the test prompts not used):")
     for m, c in chosen.items():
         print(f"  {m:<20}{label(c):<22} stop at iteration {c['max_iters']}: dev {100 * c['dev_sampled']:.1f}%")
+    return chosen
 
 
 def method(overrides: dict) -> str | None:

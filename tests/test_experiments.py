@@ -155,6 +155,33 @@ def test_saturation_lesson_follows_flipped_examples_as_their_own_group(tmp_path)
     assert png_size(tmp_path / "saturation" / "saturation.png")[0] == 1280
 
 
+def test_no_sft_lesson_chooses_each_methods_setting_from_the_random_start_on_dev_prompts(tmp_path):
+    """no-sft's [tuned] runs take the setting and stop whose mean dev utility over two seeds is the best of its
+    grid, worked out again here from every grid run's result.json; runs are as long as SFT and the loss (dev
+    utility every 2 x 3 iterations: at 6 and 12 of 15)."""
+    lesson(["no-sft", "--seeds=1", "--task_dev=0.05", "--utility_interval=3", f"--out_dir={tmp_path}"] + TINY)
+    numbers = json.loads((tmp_path / "no-sft" / "no-sft.json").read_text())
+    names = ("SFT from scratch", "DPO from scratch", "KTO from scratch")
+    assert set(numbers["utility"]) == set(names) | {f"{n} [tuned]" for n in names}
+    assert "DPO from scratch - KTO from scratch" in numbers["differences"]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")]
+    assert all(r["settings"]["init_from"] == "scratch" for r in results)
+    for method in names:
+        table = {}
+        for r in results:
+            if r["name"].startswith(method + ",") and r["settings"]["max_iters"] == 15:  # 3 SFT + 12 iterations
+                for row in r["dev"]:
+                    table.setdefault((r["name"], row["iter"]), []).append(row["sampled"]["utility"])
+        assert len(table) == (2 if method.startswith("SFT") else 6) * 2 and all(len(v) == 2 for v in table.values())
+        best = max(sum(v) / 2 for v in table.values())
+        chosen = numbers["chosen"][method]
+        assert chosen["dev_sampled"] == pytest.approx(best)
+        assert sum(table[chosen["name"], chosen["max_iters"]]) / 2 == pytest.approx(best)
+        tuned = [r for r in results if r["name"] == f"{method} [tuned]"]
+        assert len(tuned) == 1 and tuned[0]["settings"]["lr"] == chosen["lr"]
+        assert tuned[0]["settings"]["max_iters"] == chosen["max_iters"]
+
+
 def test_jobs_share_a_lessons_runs_and_print_the_one_process_table(tmp_path):
     """--jobs=2: two processes of one thread train the lesson's runs, each once, and the table and numbers are
     those of one process at one thread, to the digit."""
