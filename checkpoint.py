@@ -34,7 +34,7 @@ def nonfinite(obj, name: str = "") -> str | None:
 def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """write(f) into a temporary file, flushed to disk, then renamed to path: a crash, a kill or a full disk
     while writing leaves the file already at path as it was (a full disk ends the run in one line)."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two lessons' processes may write the same file
     try:
         with open(tmp, "wb") as f:
             write(f)

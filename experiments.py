@@ -20,6 +20,7 @@ gives the same numbers on every machine tried). value --run=RESULT.json draws a 
 saturation lesson prints the path).
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -47,8 +48,10 @@ TASK_DEFAULTS = {"arithmetic": {}, "lists": {"batch_size": 16, "sft_iters": 300,
                                              "utility_interval": 25}}
 # Settings each lesson sets for its runs: the command line cannot change them.
 LESSON_KEYS = ("seed", "resume", "control", "init_from")
-# Set in the environment of the processes --jobs starts (experiments.main).
+# Set in the environment of the processes --jobs starts, to their parent's pid (experiments.main).
 HELPER = "KTO_LESSON_HELPER"
+# The seeds a lesson's own choice of settings is made on (tune's default; no-sft).
+TUNE_SEEDS = 2
 
 
 # ----------------------------------------------------------------------------- tables
@@ -306,11 +309,12 @@ def lesson_no_sft(lab: Lab) -> None:
                "eval_tokens": 2 * lab.base.eval_tokens, "utility_interval": 2 * lab.base.utility_interval}
     methods = {"SFT from scratch": {"loss": "sft"}, "DPO from scratch": {"loss": "dpo"}, "KTO from scratch": {"loss": "kto"}}
     # A smaller grid than tune's, each run being as long as SFT and the loss together: the shared setting is in it.
-    grids = {m: [{**scratch, **o, "lr": lr, **({"beta": b} if o["loss"] != "sft" else {})}
-                 for lr in (1e-3, 3e-3) for b in ((0.1, 0.5, 2.0) if o["loss"] != "sft" else (None,))] for m, o in methods.items()}
+    betas = {"sft": ({},), "dpo": ({"beta": 0.1}, {"beta": 0.5}, {"beta": 2.0})}
+    grids = {m: [{**scratch, **o, "lr": lr, **b} for lr in (1e-3, 3e-3) for b in betas.get(o["loss"], betas["dpo"])]
+             for m, o in methods.items()}
     print(f"each method's lr, beta and stop from the random start, chosen on dev prompts over seeds "
-          f"{', '.join(map(str, SEEDS[:2]))}:")
-    chosen = tune.choose_settings(Lab(lab.lesson, lab.base, 2, lab.device, helper=lab.helper), grids, last=False)
+          f"{', '.join(map(str, SEEDS[:TUNE_SEEDS]))}:")
+    chosen = tune.choose_settings(Lab(lab.lesson, lab.base, TUNE_SEEDS, lab.device, parent=lab.parent), grids)
     plan = [(m, {**scratch, **o}) for m, o in methods.items()]
     plan += [(f"{m} [tuned]", {**scratch, **o, **{k: chosen[m][k] for k in ("lr", "beta", "max_iters") if k in chosen[m]}})
              for m, o in methods.items()]
@@ -369,7 +373,7 @@ def main() -> None:
         raise SystemExit(0 if args else 1)
     if args[0] not in LESSONS:
         raise SystemExit(f"error: unknown lesson '{args[0]}': expected one of {', '.join(LESSONS)}")
-    lesson, seeds, jobs, run_file, overrides = args[0], 2 if args[0] == "tune" else 5, 1, None, []
+    lesson, seeds, jobs, run_file, overrides = args[0], TUNE_SEEDS if args[0] == "tune" else 5, 1, None, []
     task_name = "arithmetic"
     for arg in args[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
@@ -395,22 +399,29 @@ def main() -> None:
     _, _, device = train.setup_distributed(base)
     trains = "" if lesson == "value" else f"{base.data} task; seeds {', '.join(map(str, SEEDS[:seeds]))}; "
     print(f"lesson {lesson}: {trains}device {device}, torch {torch.__version__}")
+    parent = os.environ.get(HELPER)  # set: this process is a --jobs helper, and this is its parent's pid
     helpers = []
-    if jobs > 1 and lesson != "value":  # jobs - 1 helpers train the same lesson's runs (Lab.runs) and leave the tables to this process
+    if jobs > 1 and lesson != "value" and parent is None:  # jobs - 1 helpers train the lesson's runs beside this process
         torch.set_num_threads(1)
-        command = [sys.executable, os.path.abspath(__file__)] + [a for a in args if not a.startswith("--jobs")]
-        helpers = [subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", HELPER: "1"},
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(jobs - 1)]
+        command = [sys.executable, os.path.abspath(__file__)] + [a for a in args if a.removeprefix("--").partition("=")[0] != "jobs"]
+        os.makedirs(os.path.join(base.out_dir, lesson), exist_ok=True)
+        for i in range(1, jobs):
+            with open(os.path.join(base.out_dir, lesson, f"helper-{i}.log"), "w") as log:
+                helpers.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", HELPER: str(os.getpid())},
+                                                stdout=subprocess.DEVNULL, stderr=log))
     try:
-        LESSONS[lesson](Lab(lesson, base, seeds, device, run_file, helper=os.environ.get(HELPER) == "1"))
+        LESSONS[lesson](Lab(lesson, base, seeds, device, run_file, parent=int(parent) if parent else None))
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
-    finally:
+    except BaseException:  # this process failed or was stopped: its helpers stop too
         for helper in helpers:
-            if sys.exc_info()[0] is not None:  # this process failed: its helpers stop too
-                helper.terminate()
-            helper.wait()
-
+            helper.terminate()
+        raise
+    finally:
+        for i, helper in enumerate(helpers, 1):
+            if helper.wait() not in (0, -signal.SIGTERM):  # the runs it left are trained here; say why it stopped
+                print(f"note: --jobs helper {i} ended with exit code {helper.returncode}: "
+                      f"{os.path.join(base.out_dir, lesson, f'helper-{i}.log')}", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

@@ -85,10 +85,10 @@ def claimed(out_dir: str, wait: bool = True):
     with open(os.path.join(locks, f"{os.path.basename(parent)}-{name}.lock"), "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
         except BlockingIOError:
-            yield False
-            return
-        yield True
+            held = False
+        yield held
 
 
 class Lab:
@@ -98,9 +98,11 @@ class Lab:
     lesson asks for it first, and a changed setting makes a new run."""
 
     def __init__(self, lesson: str, base: config.TrainConfig, seeds: int, device: torch.device, run_file: str | None = None,
-                 helper: bool = False):
+                 parent: int | None = None):
         self.lesson, self.base, self.seeds, self.device = lesson, base, SEEDS[:seeds], device
-        self.helper = helper  # a --jobs helper: it trains the lesson's runs, then ends; its parent prints the tables
+        # A --jobs helper's parent process: the helper trains the lesson's runs and ends at save(), leaving the
+        # tables and figures to its parent; it ends too if the parent is gone.
+        self.parent = parent
         self.run_file = run_file  # a weighed run's result.json, for the value lesson to draw
         self.dir = os.path.join(base.out_dir, lesson)  # the lesson's table and figure
         self.dirs: dict[tuple[str, int], str] = {}  # (run name, seed) -> its folder in out_dir/runs
@@ -141,8 +143,7 @@ class Lab:
 
     def train_run(self, name: str, seed: int, cfg: config.TrainConfig, settings: dict, out_dir: str, start_only: bool,
                   control: bool, weigh: bool, wait: bool) -> dict | None:
-        """Lab.run's work, under the run's lock: its cached result, or the run trained and evaluated (None if
-        wait is False and another process is training its SFT stage)."""
+        """Lab.run's work, under the run's lock: its kept result (or divergence), or train_new's."""
         path = os.path.join(out_dir, "result.json")
         if os.path.exists(path):
             try:
@@ -150,6 +151,19 @@ class Lab:
                     return json.load(f)
             except ValueError:  # cut short by an older version's kill mid-write: the run is finished again
                 print(f"note: {path} is unreadable; its run is resumed and evaluated again", file=sys.stderr)
+        try:
+            return self.train_new(name, seed, cfg, settings, out_dir, start_only, control, weigh, wait)
+        except train.Diverged as e:  # kept like a result: the same settings diverge again, and are not retrained
+            result = {"name": name, "seed": seed, "settings": settings, "diverged": e.code}
+            os.makedirs(out_dir, exist_ok=True)
+            write_json(path, result)
+            return result
+
+    def train_new(self, name: str, seed: int, cfg: config.TrainConfig, settings: dict, out_dir: str, start_only: bool,
+                  control: bool, weigh: bool, wait: bool) -> dict | None:
+        """A run trained and evaluated, its result.json written (None if wait is False and another process is
+        training its SFT stage)."""
+        path = os.path.join(out_dir, "result.json")
         cfg = dataclasses.replace(cfg, out_dir=out_dir)
         config.check_config(cfg)
         init = None if cfg.init_from == "scratch" else self.sft(cfg, wait)
@@ -189,32 +203,34 @@ class Lab:
         write_json(path, result)
         return result
 
-    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False, diverged_ok: bool = False,
-             last: bool = True) -> dict[str, list[dict]]:
-        """Every (name, overrides) of the plan for every seed, under one progress bar. Runs another process is
-        training (a lesson side by side, --jobs) are passed over, then waited for. diverged_ok: a run whose
-        training stopped being finite gives {"diverged": its error line} instead of ending the lesson. last:
-        the lesson's last call, after which a --jobs helper ends."""
-        todo = [(name, seed, overrides) for seed in self.seeds for name, overrides in plan]
+    def runs(self, plan: list[tuple[str, dict]], weigh: bool = False, diverged_ok: bool = False) -> dict[str, list[dict]]:
+        """Every (name, overrides) of the plan for every seed, under one progress bar. diverged_ok: a run whose
+        training stopped being finite gives {"diverged": its error line} instead of ending the lesson with it."""
         done: dict[tuple[str, int], dict] = {}
-        bar = tqdm(total=len(todo), desc=self.lesson, unit="run", dynamic_ncols=True)
-        for wait in (False, True):
-            for name, seed, overrides in todo:
-                if (name, seed) in done:
-                    continue
-                bar.set_postfix_str(f"{name} seed {seed}")
-                try:
-                    result = self.run(name, seed, weigh, wait, **overrides)
-                except train.Diverged as e:
-                    if not diverged_ok:
-                        raise
-                    result = {"diverged": e.code}
-                if result is not None:
-                    done[name, seed] = result
-                    bar.update(1)
+        bar = tqdm(total=len(plan) * len(self.seeds), desc=self.lesson, unit="run", dynamic_ncols=True)
+
+        def attempt(name: str, seed: int, overrides: dict, wait: bool) -> None:
+            if self.parent is not None and os.getppid() != self.parent:
+                raise SystemExit(1)  # a helper whose parent is gone: nobody will read its runs' tables
+            bar.set_postfix_str(f"{name} seed {seed}")
+            result = self.run(name, seed, weigh, wait, **overrides)
+            if result is not None:
+                if "diverged" in result and not diverged_ok:
+                    raise train.Diverged(result["diverged"])
+                done[name, seed] = result
+                bar.update(1)
+
+        # Sweeps over the runs not done yet, passing over those another process holds (a lesson side by side, or
+        # --jobs); a sweep that finds every one held waits for the first, so no process idles behind another.
+        pending = [(name, seed, overrides) for seed in self.seeds for name, overrides in plan]
+        while pending:
+            for name, seed, overrides in pending:
+                attempt(name, seed, overrides, wait=False)
+            left = [(name, seed, overrides) for name, seed, overrides in pending if (name, seed) not in done]
+            if left and len(left) == len(pending):
+                attempt(*left[0], wait=True)
+            pending = [(name, seed, overrides) for name, seed, overrides in left if (name, seed) not in done]
         bar.close()
-        if self.helper and last:
-            raise SystemExit(0)
         return {name: [done[name, seed] for seed in self.seeds] for name, _ in plan}
 
     def rows(self, name: str, seed: int) -> list[dict]:
@@ -222,6 +238,10 @@ class Lab:
         return [row for row in read_rows(self.dirs[name, seed]) if "loss" in row]
 
     def save(self, numbers: dict) -> None:
+        """The lesson's numbers to out_dir/LESSON/LESSON.json; a --jobs helper ends here instead (every lesson
+        saves once its runs are done)."""
+        if self.parent is not None:
+            raise SystemExit(0)
         path = os.path.join(self.dir, f"{self.lesson}.json")
         write_json(path, numbers)
         print(f"numbers: {path}")

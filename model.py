@@ -230,7 +230,7 @@ class GPT(nn.Module):
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
-                if temperature != 1:
+                if temperature != 1:  # x / 1 is x: a pass over (rows, 50257) logits saved
                     logits = logits / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]

@@ -59,18 +59,19 @@ def label(overrides: dict) -> str:
 def tune(lab: Lab) -> None:
     """Train every method's grid from the SFT start, print each setting's best dev utility, save and print the
     choices."""
-    if not lab.base.task_dev or not 0 < lab.base.utility_interval <= lab.base.max_iters:
-        raise SystemExit("error: tune needs dev prompts and their utility: task_dev > 0 and utility_interval in "
-                         f"[1, max_iters={lab.base.max_iters}]")
     chosen = choose_settings(lab, {m: grid(m) for m in METHODS})
     lab.save({"base": base_key(lab.base), "seeds": list(lab.seeds), "chosen": chosen})
 
 
-def choose_settings(lab: Lab, grids: dict[str, list[dict]], last: bool = True) -> dict[str, dict]:
+def choose_settings(lab: Lab, grids: dict[str, list[dict]]) -> dict[str, dict]:
     """Train every setting of each method's grid on lab's seeds; print, per method, each setting's best mean
-    dev utility; return each method's choice: lr, beta, max_iters (the iteration), its dev utility, the curves.
-    last: the lesson's last runs (Lab.runs)."""
-    results = lab.runs([(f"{m}, {label(o)}", o) for m, settings in grids.items() for o in settings], diverged_ok=True, last=last)
+    dev utility; return each method's choice: lr, beta, max_iters (the iteration), its dev utility, the curves."""
+    for o in (o for settings in grids.values() for o in settings):
+        iters, every = o.get("max_iters", lab.base.max_iters), o.get("utility_interval", lab.base.utility_interval)
+        if not lab.base.task_dev or not 0 < every <= iters:
+            raise SystemExit(f"error: {lab.lesson} chooses on the dev prompts' utility: it needs task_dev > 0 and "
+                             f"utility_interval={every} in [1, max_iters={iters}]")
+    results = lab.runs([(f"{m}, {label(o)}", o) for m, settings in grids.items() for o in settings], diverged_ok=True)
     chosen = {}
     for m, tries in grids.items():
         curves, settings, diverged = {}, {}, []  # curves[name][iteration]: dev utility per seed
@@ -84,7 +85,7 @@ def choose_settings(lab: Lab, grids: dict[str, list[dict]], last: bool = True) -
             curves[name] = {row["iter"]: [dev[i]["sampled"]["utility"] for dev in devs] for i, row in enumerate(devs[0])}
             settings[name] = overrides
         if not curves:
-            raise SystemExit(f"error: tune: every setting of {m} diverged: {'; '.join(diverged)}")
+            raise SystemExit(f"error: {lab.lesson}: every setting of {m} diverged: {'; '.join(diverged)}")
         name, it, value = choose(curves)
         print(f"\n{m}: mean dev utility, sampled, over {len(lab.seeds)} seed(s), at its best iteration")
         for n, by_iter in curves.items():

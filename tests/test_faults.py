@@ -110,7 +110,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     with pytest.raises(SystemExit, match=r"cannot write .*kto.pt \(No space left on device\); the file already there is kept"):
         checkpoint.save(path, {"iter": 2})
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"iter": 1} and not os.path.exists(path + ".tmp")
+    assert torch.load(path, weights_only=True) == {"iter": 1} and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_non_finite_state_is_never_written():
@@ -169,7 +169,7 @@ def test_a_replaced_sft_init_makes_new_runs(tmp_path):
     assert first["settings"]["sft_init_sha256"] != second["settings"]["sft_init_sha256"]
 
 
-def test_a_truncated_result_is_evaluated_again_and_a_failed_run_leaves_none(tmp_path):
+def test_a_truncated_result_is_evaluated_again_and_a_diverged_run_is_kept_as_such(tmp_path):
     runs = small_lab(tmp_path)
     result = runs.run("KTO", 1337, loss="kto")
     path = os.path.join(runs.dirs["KTO", 1337], "result.json")
@@ -178,6 +178,16 @@ def test_a_truncated_result_is_evaluated_again_and_a_failed_run_leaves_none(tmp_
         f.write(text[:len(text) // 2])  # a kill mid-write by an older version
     again = runs.run("KTO", 1337, loss="kto")
     assert again == result and json.loads(open(path).read()) == result
-    with pytest.raises(SystemExit, match="kto stage, iteration .*: not finite"):
-        runs.run("KTO diverging", 1337, loss="kto", lr=1e6, max_iters=20)
-    assert not os.path.exists(os.path.join(runs.dirs["KTO diverging", 1337], "result.json"))
+    plan = [("KTO diverging", {"loss": "kto", "lr": 1e6, "max_iters": 20})]
+    with pytest.raises(SystemExit, match="kto stage, iteration .*: not finite") as first:
+        runs.runs(plan)
+    folder = runs.dirs["KTO diverging", 1337]
+    kept = json.loads(open(os.path.join(folder, "result.json")).read())
+    assert kept["diverged"] == first.value.code and "sampled" not in kept
+    # read back, not trained again: the same line ends the lesson, and tune's candidates see the divergence
+    log = os.path.join(folder, "metrics.jsonl")
+    before = (open(log).read(), os.path.getmtime(log))
+    with pytest.raises(SystemExit) as second:
+        runs.runs(plan)
+    assert second.value.code == first.value.code and (open(log).read(), os.path.getmtime(log)) == before
+    assert runs.runs(plan, diverged_ok=True) == {"KTO diverging": [kept]}
