@@ -15,9 +15,9 @@ interval over seeds; comparisons as paired differences per seed) and writes out_
 LESSON.png (figures.py). After `tune`, the comparison lessons also run each method at its tuned setting
 ("[tuned]"). The lessons set seed, resume, control and init_from themselves; --seeds=N (default 5, tune 2)
 takes the first N of 1337, 1, 2, 3, ..., 9. --jobs=N shares a lesson's runs among N processes of one thread
-each (on a 2-core CPU, --jobs=2 is about twice as fast as one process at 2 threads; at one thread a run
-gives the same numbers on every machine tried). value --run=RESULT.json draws a weighed run's examples (the
-saturation lesson prints the path).
+each (on a 2-core CPU a step at two threads is only 1.6-1.7x as fast as at one, so --jobs=2 is the faster
+way; and at one thread a run gives the same numbers on every machine tried). value --run=RESULT.json draws a
+weighed run's examples (the saturation lesson prints the path).
 """
 import os
 import signal
