@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import glob
 import math
 import os
 import sys
@@ -244,6 +245,8 @@ def train_stage(cfg: TrainConfig, name: str, loss_name: str, init: str | None, i
         return model
     if rank == 0:  # rows written after the checkpoint (an interrupted run, an older run here) are written again
         metrics.drop_rows(log_path, lambda row: row.get("stage") == name and row.get("iter", 0) > start)
+        for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # a save a kill -9 cut short (checkpoint.write_atomic)
+            os.remove(stale)
 
     precomputed = eval_precomputed = None
     if reference is not None and cfg.reference == "precomputed":
