@@ -104,6 +104,9 @@ def parse_config(args: list[str]) -> TrainConfig:
 
     def set_value(key: str, value, source: str) -> None:
         if key not in fields:
+            if key == "task":  # one way to choose: data names a built-in task or a file
+                raise SystemExit(f"error: {source}: unknown config key 'task'; a built-in task is chosen with "
+                                 f"--data={' or --data='.join(task.TASKS)}")
             raise SystemExit(f"error: {source}: unknown config key '{key}'; known keys: {', '.join(fields)}")
         kind = fields[key]
         if isinstance(kind, types.UnionType):  # float | None: "none" (or JSON null) asks for the default rule

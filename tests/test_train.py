@@ -155,6 +155,7 @@ def test_config_parsing(tmp_path):
     with pytest.raises(SystemExit, match="'n_layer' expects int, got 2.0"):
         config.parse_config([str(preset)])
     for bad, message in [("--nope=1", "unknown config key 'nope'"), ("--n_layer=2.5", "'n_layer' expects int"),
+                         ("--task=lists", "a built-in task is chosen with --data=arithmetic or --data=lists"),
                          ("--resume=yes", "'resume' expects bool"), ("--lr", "expected --key=value"),
                          ("--loss=orpo", "loss='orpo': expected 'kto', 'dpo' or 'sft'"),
                          ("--loss=dpo --batch_size=5", "batch_size=5: expected an even number"),
