@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--sft_iters=3", "--max_iters=12", "--eval_samples=1",
-        "--warmup_iters=0", "--log_interval=4", "--eval_tokens=3", "--task_max_operand=2"]
+        "--warmup_iters=0", "--log_interval=4", "--eval_tokens=3", "--task_max_operand=2", "--batch_size=8"]
 PNG = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 

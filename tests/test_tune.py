@@ -15,7 +15,7 @@ import stats
 import tune
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--sft_iters=3", "--max_iters=12", "--eval_samples=1",
-        "--warmup_iters=0", "--log_interval=4", "--utility_interval=4", "--task_dev=0.02", "--task_heldout=0.02"]
+        "--warmup_iters=0", "--log_interval=4", "--utility_interval=4", "--task_dev=0.02", "--task_heldout=0.02", "--batch_size=8"]
 
 
 def test_t_interval_and_paired_verdicts_by_hand():
