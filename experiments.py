@@ -252,7 +252,8 @@ RATER_NOISE = (0.0, 0.15, 0.3)
 def lesson_scores(lab: Lab) -> None:
     """Score-based feedback: the task's rating (task.rating) through a noisy rater (score_noise), labelled at the
     judge's 1/2. KTO on the labels, KTO with margin weights, DPO on the pairs ordered by score, beside SFT: does
-    the magnitude help, and what weight do the examples the noise mislabelled get?"""
+    the magnitude help, and what weight do the examples the noise mislabelled get? KTO+margin's setting is
+    chosen here, on dev prompts and the noise-free rating, as `tune` chooses the others'."""
     rated = {"score_threshold": task.DESIRABLE_SCORE}
     plan = [("SFT", {"loss": "none"}), ("SFT+SFT (control)", {"loss": "control"})]
     for noise in RATER_NOISE:
@@ -260,7 +261,11 @@ def lesson_scores(lab: Lab) -> None:
         plan += [(f"KTO, noise {noise}", {"loss": "kto", **rater}),
                  (f"KTO+margin, noise {noise}", {"loss": "kto", "score_weight": "margin", **rater}),
                  (f"DPO, noise {noise}", {"loss": "dpo", **rater})]
-    results = lab.runs(tune.with_tuned(lab.base, plan))
+    print(f"KTO+margin's lr, beta and stop, chosen on dev prompts over seeds {', '.join(map(str, SEEDS[:TUNE_SEEDS]))}:")
+    chosen = tune.choose_settings(Lab(lab.lesson, lab.base, TUNE_SEEDS, lab.device, parent=lab.parent),
+                                  {"KTO+margin": tune.grid("KTO+margin")})
+    print()
+    results = lab.runs(tune.with_tuned(lab.base, plan, own={m: tune.overrides_of(c) for m, c in chosen.items()}))
     numbers = utility_table(results)
     diffs = stats.claims(numbers, [(f"KTO+margin, noise {n}", f"KTO, noise {n}") for n in RATER_NOISE] +
                          [(f"KTO{m}, noise {n}", f"DPO, noise {n}") for m in ("", "+margin") for n in RATER_NOISE])
@@ -316,8 +321,7 @@ def lesson_no_sft(lab: Lab) -> None:
           f"{', '.join(map(str, SEEDS[:TUNE_SEEDS]))}:")
     chosen = tune.choose_settings(Lab(lab.lesson, lab.base, TUNE_SEEDS, lab.device, parent=lab.parent), grids)
     plan = [(m, {**scratch, **o}) for m, o in methods.items()]
-    plan += [(f"{m} [tuned]", {**scratch, **o, **{k: chosen[m][k] for k in ("lr", "beta", "max_iters") if k in chosen[m]}})
-             for m, o in methods.items()]
+    plan += [(f"{m} [tuned]", {**scratch, **o, **tune.overrides_of(chosen[m])}) for m, o in methods.items()]
     print()
     results = lab.runs(plan)
     numbers = utility_table(results, extra={"length (tokens)": ("sampled.length", 1), "ends with EOT (%)": ("sampled.eot", 100)})

@@ -1,7 +1,7 @@
 """`python experiments.py tune`: each method's own lr, beta and stopping iteration, chosen on the dev prompts.
 
-For each method (KTO, DPO, DPO with an NLL term on the chosen completion, and the SFT control) every setting
-of its grid is trained from the shared SFT start of each seed, with the dev prompts' utility every
+For each method of the contest (KTO, DPO, DPO with an NLL term on the chosen completion, and the SFT control)
+every setting of its grid is trained from the shared SFT start of each seed, with the dev prompts' utility every
 utility_interval iterations; the setting and the iteration with the highest mean sampled dev utility over
 the seeds win. The test (held-out) prompts are never used to choose (each run's result.json scores them, as
 every lesson run does, for the lessons' tables). Runs are the lessons' runs (lab.py): kept
@@ -20,10 +20,13 @@ LRS = (3e-4, 1e-3, 3e-3)
 BETAS = (0.05, 0.1, 0.5, 2.0)
 # method: (its overrides, whether it has a beta)
 # KTO+margin: score-based feedback (data.rate), the task's rating labelled at the judge's 1/2 (the same labels as
-# KTO's) and each example weighted by its margin: the `scores` lesson's method.
+# KTO's) and each example weighted by its margin: the `scores` lesson's method, which that lesson tunes itself.
 METHODS = {"KTO": ({"loss": "kto"}, True), "DPO": ({"loss": "dpo"}, True),
            "DPO+NLL": ({"loss": "dpo", "nll_weight": 1.0}, True), "SFT+SFT (control)": ({"loss": "control"}, False),
            "KTO+margin": ({"loss": "kto", "score_threshold": 0.5, "score_weight": "margin"}, True)}
+# What `tune` tunes: the contest (78 runs at 2 seeds, 35 minutes with --jobs=2 on a 2-core CPU). KTO+margin is
+# the scores lesson's question, and that lesson tunes it (24 runs more).
+CONTEST = ("KTO", "DPO", "DPO+NLL", "SFT+SFT (control)")
 # What a tuned setting depends on: every base setting but these, which the lessons or the tune set.
 FREE_KEYS = ("out_dir", "seed", "lr", "beta", "max_iters", "resume", "control", "init_from")
 
@@ -59,7 +62,7 @@ def label(overrides: dict) -> str:
 def tune(lab: Lab) -> None:
     """Train every method's grid from the SFT start, print each setting's best dev utility, save and print the
     choices."""
-    chosen = choose_settings(lab, {m: grid(m) for m in METHODS})
+    chosen = choose_settings(lab, {m: grid(m) for m in CONTEST})
     lab.save({"base": base_key(lab.base), "seeds": list(lab.seeds), "chosen": chosen})
 
 
@@ -112,14 +115,21 @@ def method(overrides: dict) -> str | None:
     return {"kto": "KTO", "control": "SFT+SFT (control)"}.get(loss)
 
 
-def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]], tuned_only: list[tuple[str, dict]] = ()
-               ) -> list[tuple[str, dict]]:
+def overrides_of(choice: dict) -> dict:
+    """The lr, beta (where the method has one) and max_iters of a choice."""
+    return {k: choice[k] for k in ("lr", "beta", "max_iters") if k in choice}
+
+
+def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]], tuned_only: list[tuple[str, dict]] = (),
+               own: dict[str, dict] | None = None) -> list[tuple[str, dict]]:
     """The plan, and beside each run of a tuned method the same run at that method's tuned lr, beta and
     stopping iteration, named "NAME [tuned]"; the lesson's own settings (noise, fractions) are kept.
-    Runs in tuned_only have no shared setting worth a run: only their [tuned] run is made."""
+    Runs in tuned_only have no shared setting worth a run: only their [tuned] run is made. own: the lesson's
+    own choices (overrides_of), beside tune's."""
     chosen, note = tuned(base)
     print(note)
-    if chosen is None:
+    chosen = {**(chosen or {}), **(own or {})}
+    if not chosen:
         return plan
     for m, c in chosen.items():
         print(f"  [tuned] {m}: {label(c)}, {c['max_iters']} iterations")
@@ -144,5 +154,5 @@ def tuned(base: config.TrainConfig) -> tuple[dict[str, dict] | None, str]:
         saved = json.load(f)
     if saved["base"] != base_key(base):
         return None, f"{path} was tuned for other settings (run tune with these): the shared setting only"
-    return ({m: {k: c[k] for k in ("lr", "beta", "max_iters") if k in c} for m, c in saved["chosen"].items()},
+    return ({m: overrides_of(c) for m, c in saved["chosen"].items()},
             f"tuned settings from {path} (seeds {', '.join(map(str, saved['seeds']))}, dev prompts)")

@@ -5,7 +5,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+
+import experiments
+import tune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--sft_iters=3", "--max_iters=12", "--eval_samples=1",
@@ -198,23 +203,42 @@ def test_jobs_share_a_lessons_runs_and_print_the_one_process_table(tmp_path):
     assert "--jobs helper" not in two.stderr and (tmp_path / "two" / "one-y-per-x" / "helper-1.log").exists()  # it ended well
 
 
-def test_scores_lesson_end_to_end(tmp_path):
-    """The rater's noise mislabels examples (none without it), more with more noise; the margins give those less
-    weight than the others; the table, JSON and figure are written."""
-    result = lesson(["scores", "--seeds=1", f"--out_dir={tmp_path}"] + TINY)
+def test_scores_lesson_end_to_end(tmp_path, monkeypatch, capsys):
+    """KTO+margin's [tuned] runs take the setting and stop with the best mean dev utility over two seeds; the
+    rater's noise mislabels examples (none without it), more with more noise; the margins give those less weight
+    than the others; the table, JSON and figure are written."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(tune, "LRS", (1e-3,))
+    monkeypatch.setattr(tune, "BETAS", (0.1, 0.5))
+    monkeypatch.setattr(sys, "argv", ["experiments.py", "scores", "--seeds=1", "--task_dev=0.05", "--utility_interval=4",
+                                      f"--out_dir={tmp_path}"] + TINY)
+    experiments.main()
+    stdout = capsys.readouterr().out
     numbers = json.loads((tmp_path / "scores" / "scores.json").read_text())
     assert png_size(tmp_path / "scores" / "scores.png")[0] == 1280
-    assert set(numbers["utility"]) == {"SFT", "SFT+SFT (control)"} | {f"{m}, noise {n}" for m in ("KTO", "KTO+margin", "DPO")
-                                                                     for n in (0.0, 0.15, 0.3)}
+    assert set(numbers["utility"]) == {"SFT", "SFT+SFT (control)"} | {f"{m}, noise {n}{t}" for m in ("KTO", "KTO+margin", "DPO")
+                                                                     for n in (0.0, 0.15, 0.3) for t in ("", " [tuned]" * (m == "KTO+margin"))}
     runs = [json.loads(open(os.path.join(tmp_path, "runs", d, "result.json")).read()) for d in os.listdir(tmp_path / "runs")]
-    flipped = {r["name"]: r["n_flipped"] / r["n_main"] for r in runs}
+    # The choice, worked out again from the tuning runs' own dev rows (seeds 1337 and 1, noise-free rating).
+    margins = [(r["seed"], r["settings"]) for r in runs if r["settings"].get("score_weight") == "margin"]
+    dev = {}
+    for r in runs:
+        if r["settings"].get("score_weight") == "margin" and "score_noise" not in r["settings"] and r["settings"]["max_iters"] == 12:
+            for row in r["dev"]:
+                dev.setdefault((r["settings"]["beta"], row["iter"]), []).append(row["sampled"]["utility"])
+    assert len(dev) == 2 * 3 and all(len(v) == 2 for v in dev.values())
+    beta, stop = max(dev, key=lambda k: (round(float(np.mean(dev[k])), 9), -k[0], -k[1]))  # ties: the earlier
+    for noise in (0.0, 0.15, 0.3):  # each [tuned] run at the choice (at noise 0 it may be a tuning run itself)
+        assert any(seed == 1337 and s.get("score_noise", 0.0) == noise and (s["lr"], s["beta"], s["max_iters"]) == (1e-3, beta, stop)
+                   for seed, s in margins)
+    flipped = {r["name"]: r["n_flipped"] / r["n_main"] for r in runs if r["seed"] == 1337}
     assert flipped["KTO, noise 0.0"] == flipped["DPO, noise 0.0"] == 0 < flipped["KTO, noise 0.15"] < flipped["KTO, noise 0.3"]
-    margin = {r["name"]: r["margin_weight"] for r in runs if "margin_weight" in r}
-    assert set(margin) == {"KTO+margin, noise 0.0", "KTO+margin, noise 0.15", "KTO+margin, noise 0.3"}
-    assert all(m["flipped"] < m["clean"] for name, m in margin.items() if "noise 0.0" not in name)
+    margin = {r["name"]: r["margin_weight"] for r in runs if "margin_weight" in r}  # noise 0.0's is a tuning run's
+    assert {"KTO+margin, noise 0.15", "KTO+margin, noise 0.3"} <= set(margin)
+    assert all(margin[f"KTO+margin, noise {n}"]["flipped"] < margin[f"KTO+margin, noise {n}"]["clean"] for n in (0.15, 0.3))
     w = numbers["weights"]["KTO+margin, noise 0.3"]
     assert w["margin_ratio"] == [pytest.approx(margin["KTO+margin, noise 0.3"]["flipped"] / margin["KTO+margin, noise 0.3"]["clean"])]
-    assert "KTO+margin, noise 0.3 - KTO, noise 0.3" in result.stdout and "gradient weight ratio" in result.stdout
+    assert "KTO+margin, noise 0.3 - KTO, noise 0.3" in stdout and "gradient weight ratio" in stdout
 
 
 def test_settings_the_lessons_set_are_refused(tmp_path):
