@@ -283,7 +283,8 @@ def lesson_scores(lab: Lab) -> None:
         margin = [r["margin_weight"]["flipped"] / r["margin_weight"]["clean"] for r in results[name] if "margin_weight" in r]
         weights[name] = {"flipped": share, "margin_ratio": margin, "gradient_ratio": ratio}
         print(f"{name:<36}{stats.fmt(share) + '%':>10}{f'{np.mean(margin):.2f}' if margin else '-':>22}{ratio[0]:>24.2f}")
-    lab.save({"utility": numbers, "weights": weights, "differences": diffs})
+    lab.save({"utility": numbers, "weights": weights, "differences": diffs,
+              "chosen": tune.without_curves(chosen)})
     figures.scores(lab.dir, numbers, weights, RATER_NOISE)
 
 
@@ -328,7 +329,7 @@ def lesson_no_sft(lab: Lab) -> None:
     diffs = stats.claims(numbers, [("KTO from scratch", "DPO from scratch"), ("SFT from scratch", "KTO from scratch")])
     diffs.update(stats.claims(numbers, [("DPO from scratch", "KTO from scratch")], {"length (tokens)": 1}))
     lab.save({"utility": numbers, "differences": diffs,
-              "chosen": {m: {k: v for k, v in c.items() if k != "curves"} for m, c in chosen.items()}})
+              "chosen": tune.without_curves(chosen)})
     figures.no_sft(lab.dir, numbers, scratch["eval_tokens"])
 
 

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 import config
+import task
 from lab import Lab, digest, settings_of
 
 LRS = (3e-4, 1e-3, 3e-3)
@@ -23,9 +24,9 @@ BETAS = (0.05, 0.1, 0.5, 2.0)
 # KTO's) and each example weighted by its margin: the `scores` lesson's method, which that lesson tunes itself.
 METHODS = {"KTO": ({"loss": "kto"}, True), "DPO": ({"loss": "dpo"}, True),
            "DPO+NLL": ({"loss": "dpo", "nll_weight": 1.0}, True), "SFT+SFT (control)": ({"loss": "control"}, False),
-           "KTO+margin": ({"loss": "kto", "score_threshold": 0.5, "score_weight": "margin"}, True)}
-# What `tune` tunes: the contest (78 runs at 2 seeds, 35 minutes with --jobs=2 on a 2-core CPU). KTO+margin is
-# the scores lesson's question, and that lesson tunes it (24 runs more).
+           "KTO+margin": ({"loss": "kto", "score_threshold": task.DESIRABLE_SCORE, "score_weight": "margin"}, True)}
+# What `tune` tunes: the contest. KTO+margin is the scores lesson's question, and that lesson tunes it: within
+# the hour on a 2-core CPU, `tune` has no time for its grid too.
 CONTEST = ("KTO", "DPO", "DPO+NLL", "SFT+SFT (control)")
 # What a tuned setting depends on: every base setting but these, which the lessons or the tune set.
 FREE_KEYS = ("out_dir", "seed", "lr", "beta", "max_iters", "resume", "control", "init_from")
@@ -54,14 +55,19 @@ def choose(curves: dict[str, dict[int, list[float]]]) -> tuple[str, int, float]:
     return best
 
 
+def without_curves(chosen: dict[str, dict]) -> dict[str, dict]:
+    """choose_settings' choices without their dev curves, for a lesson's JSON."""
+    return {m: {k: v for k, v in c.items() if k != "curves"} for m, c in chosen.items()}
+
+
 def label(overrides: dict) -> str:
     """'lr 0.001, beta 0.1' (no beta for SFT)."""
     return f"lr {overrides['lr']:g}" + (f", beta {overrides['beta']:g}" if "beta" in overrides else "")
 
 
 def tune(lab: Lab) -> None:
-    """Train every method's grid from the SFT start, print each setting's best dev utility, save and print the
-    choices."""
+    """Train the grid of every method of the contest from the SFT start, print each setting's best dev utility,
+    save and print the choices."""
     chosen = choose_settings(lab, {m: grid(m) for m in CONTEST})
     lab.save({"base": base_key(lab.base), "seeds": list(lab.seeds), "chosen": chosen})
 
@@ -132,7 +138,7 @@ def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]], tuned_onl
     if not chosen:
         return plan
     for m, c in chosen.items():
-        print(f"  [tuned] {m}: {label(c)}, {c['max_iters']} iterations")
+        print(f"  [tuned] {m}: {label(c)}, {c['max_iters']} iterations" + (" (chosen by this lesson)" if m in (own or {}) else ""))
     missing = sorted({method(o) for _, o in [*plan, *tuned_only] if method(o) and method(o) not in chosen})
     if missing:
         print(f"  not tuned yet (run tune again): {', '.join(missing)}, whose runs keep the shared setting only")
@@ -149,10 +155,10 @@ def tuned(base: config.TrainConfig) -> tuple[dict[str, dict] | None, str]:
     """The tuned overrides per method for these base settings, or None, and a line saying which."""
     path = os.path.join(base.out_dir, "tune", "tune.json")
     if not os.path.exists(path):
-        return None, "no tuned settings yet (python experiments.py tune): the shared setting only"
+        return None, "no tuned settings yet (python experiments.py tune)"
     with open(path) as f:
         saved = json.load(f)
     if saved["base"] != base_key(base):
-        return None, f"{path} was tuned for other settings (run tune with these): the shared setting only"
+        return None, f"{path} was tuned for other settings (run tune with these)"
     return ({m: overrides_of(c) for m, c in saved["chosen"].items()},
             f"tuned settings from {path} (seeds {', '.join(map(str, saved['seeds']))}, dev prompts)")

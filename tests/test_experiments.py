@@ -209,7 +209,7 @@ def test_scores_lesson_end_to_end(tmp_path, monkeypatch, capsys):
     than the others; the table, JSON and figure are written."""
     torch.set_num_threads(1)
     monkeypatch.setattr(tune, "LRS", (1e-3,))
-    monkeypatch.setattr(tune, "BETAS", (0.1, 0.5))
+    monkeypatch.setattr(tune, "BETAS", (0.05, 0.5))  # the shared setting's beta, 0.1, is not among them
     monkeypatch.setattr(sys, "argv", ["experiments.py", "scores", "--seeds=1", "--task_dev=0.05", "--utility_interval=4",
                                       f"--out_dir={tmp_path}"] + TINY)
     experiments.main()
@@ -223,14 +223,18 @@ def test_scores_lesson_end_to_end(tmp_path, monkeypatch, capsys):
     margins = [(r["seed"], r["settings"]) for r in runs if r["settings"].get("score_weight") == "margin"]
     dev = {}
     for r in runs:
-        if r["settings"].get("score_weight") == "margin" and "score_noise" not in r["settings"] and r["settings"]["max_iters"] == 12:
+        s = r["settings"]
+        if s.get("score_weight") == "margin" and "score_noise" not in s and s["max_iters"] == 12 and s["beta"] in tune.BETAS:
             for row in r["dev"]:
                 dev.setdefault((r["settings"]["beta"], row["iter"]), []).append(row["sampled"]["utility"])
     assert len(dev) == 2 * 3 and all(len(v) == 2 for v in dev.values())
     beta, stop = max(dev, key=lambda k: (round(float(np.mean(dev[k])), 9), -k[0], -k[1]))  # ties: the earlier
-    for noise in (0.0, 0.15, 0.3):  # each [tuned] run at the choice (at noise 0 it may be a tuning run itself)
-        assert any(seed == 1337 and s.get("score_noise", 0.0) == noise and (s["lr"], s["beta"], s["max_iters"]) == (1e-3, beta, stop)
+    for noise in (0.15, 0.3):  # each [tuned] run at the choice (at noise 0 it may be a tuning run itself)
+        assert any(seed == 1337 and s.get("score_noise") == noise and (s["lr"], s["beta"], s["max_iters"]) == (1e-3, beta, stop)
                    for seed, s in margins)
+    assert f"[tuned] KTO+margin: lr 0.001, beta {beta:g}, {stop} iterations (chosen by this lesson)" in stdout
+    chosen = numbers["chosen"]["KTO+margin"]
+    assert (chosen["lr"], chosen["beta"], chosen["max_iters"]) == (1e-3, beta, stop)
     flipped = {r["name"]: r["n_flipped"] / r["n_main"] for r in runs if r["seed"] == 1337}
     assert flipped["KTO, noise 0.0"] == flipped["DPO, noise 0.0"] == 0 < flipped["KTO, noise 0.15"] < flipped["KTO, noise 0.3"]
     margin = {r["name"]: r["margin_weight"] for r in runs if "margin_weight" in r}  # noise 0.0's is a tuning run's

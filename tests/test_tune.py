@@ -77,6 +77,8 @@ def test_tiny_tune_end_to_end(tmp_path, monkeypatch):
     assert [name for name, _ in plan] == ["SFT", "DPO+NLL", "DPO+NLL [tuned]", "control [tuned]"]
     c = saved["chosen"]["DPO+NLL"]
     assert plan[2][1] == {"loss": "dpo", "nll_weight": 1.0, "label_noise": 0.1, "lr": c["lr"], "beta": c["beta"], "max_iters": c["max_iters"]}
+    own = tune.with_tuned(base, [("DPO+NLL", {"loss": "dpo", "nll_weight": 1.0})], own={"DPO+NLL": {"lr": 0.1, "max_iters": 7}})
+    assert own[1] == ("DPO+NLL [tuned]", {"loss": "dpo", "nll_weight": 1.0, "lr": 0.1, "max_iters": 7})  # a lesson's own choice wins
     assert tune.tuned(dataclasses.replace(base, n_embd=64))[0] is None
     assert tune.tuned(dataclasses.replace(base, lr=3e-3, seed=5))[0] is not None  # the free settings do not matter
     # a second call trains nothing: every run is read from its result.json
