@@ -25,8 +25,7 @@ BETAS = (0.05, 0.1, 0.5, 2.0)
 METHODS = {"KTO": ({"loss": "kto"}, True), "DPO": ({"loss": "dpo"}, True),
            "DPO+NLL": ({"loss": "dpo", "nll_weight": 1.0}, True), "SFT+SFT (control)": ({"loss": "control"}, False),
            "KTO+margin": ({"loss": "kto", "score_threshold": task.DESIRABLE_SCORE, "score_weight": "margin"}, True)}
-# What `tune` tunes: the contest. KTO+margin is the scores lesson's question, and that lesson tunes it: within
-# the hour on a 2-core CPU, `tune` has no time for its grid too.
+# What `tune` tunes: the contest, within the hour on a 2-core CPU (KTO+margin's grid would take it past that).
 CONTEST = ("KTO", "DPO", "DPO+NLL", "SFT+SFT (control)")
 # What a tuned setting depends on: every base setting but these, which the lessons or the tune set.
 FREE_KEYS = ("out_dir", "seed", "lr", "beta", "max_iters", "resume", "control", "init_from")
@@ -134,11 +133,12 @@ def with_tuned(base: config.TrainConfig, plan: list[tuple[str, dict]], tuned_onl
     own choices (overrides_of), beside tune's."""
     chosen, note = tuned(base)
     print(note)
-    chosen = {**(chosen or {}), **(own or {})}
+    own = own or {}
+    chosen = {**(chosen or {}), **own}
     if not chosen:
         return plan
     for m, c in chosen.items():
-        print(f"  [tuned] {m}: {label(c)}, {c['max_iters']} iterations" + (" (chosen by this lesson)" if m in (own or {}) else ""))
+        print(f"  [tuned] {m}: {label(c)}, {c['max_iters']} iterations" + (" (chosen by this lesson)" if m in own else ""))
     missing = sorted({method(o) for _, o in [*plan, *tuned_only] if method(o) and method(o) not in chosen})
     if missing:
         print(f"  not tuned yet (run tune again): {', '.join(missing)}, whose runs keep the shared setting only")

@@ -226,7 +226,7 @@ def test_scores_lesson_end_to_end(tmp_path, monkeypatch, capsys):
         s = r["settings"]
         if s.get("score_weight") == "margin" and "score_noise" not in s and s["max_iters"] == 12 and s["beta"] in tune.BETAS:
             for row in r["dev"]:
-                dev.setdefault((r["settings"]["beta"], row["iter"]), []).append(row["sampled"]["utility"])
+                dev.setdefault((s["beta"], row["iter"]), []).append(row["sampled"]["utility"])
     assert len(dev) == 2 * 3 and all(len(v) == 2 for v in dev.values())
     beta, stop = max(dev, key=lambda k: (round(float(np.mean(dev[k])), 9), -k[0], -k[1]))  # ties: the earlier
     for noise in (0.15, 0.3):  # each [tuned] run at the choice (at noise 0 it may be a tuning run itself)
